@@ -1,0 +1,62 @@
+"""The T5 text-to-text chat model.
+
+A plain `T5ForConditionalGeneration` underneath: a saved directory loads with
+`AutoModelForSeq2SeqLM.from_pretrained(dir)` and needs nothing from this project.
+The encoder input is the raw prompt followed by [EOS]; there is no chat template.
+"""
+import torch
+from transformers import GenerationConfig, T5Config, T5ForConditionalGeneration
+
+from config import T5ModelConfig
+
+PAD_ID, EOS_ID = 0, 1
+
+
+def padded_vocab_size(n: int, multiple: int = 64) -> int:
+    """Round the embedding up so matrix shapes suit GPU kernels; extra rows are never produced."""
+    return (n + multiple - 1) // multiple * multiple
+
+
+def get_t5_config(model_config: T5ModelConfig, vocab_size: int) -> T5Config:
+    return T5Config(
+        vocab_size=padded_vocab_size(vocab_size),
+        d_model=model_config.d_model, d_ff=model_config.d_ff, d_kv=model_config.d_kv,
+        num_heads=model_config.num_heads, num_layers=model_config.num_layers,
+        num_decoder_layers=model_config.num_decoder_layers,
+        relative_attention_num_buckets=model_config.relative_attention_num_buckets,
+        relative_attention_max_distance=model_config.relative_attention_max_distance,
+        dropout_rate=model_config.dropout_rate, feed_forward_proj=model_config.feed_forward_proj,
+        # T5 starts decoding from the pad token.
+        pad_token_id=PAD_ID, eos_token_id=EOS_ID, decoder_start_token_id=PAD_ID,
+    )
+
+
+def get_generation_config(max_new_tokens: int) -> GenerationConfig:
+    return GenerationConfig(decoder_start_token_id=PAD_ID, pad_token_id=PAD_ID, eos_token_id=EOS_ID,
+                            max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
+
+
+# The original's search types, as generation settings.
+SEARCH_TYPES = {
+    "greedy": dict(do_sample=False, num_beams=1),
+    "beam": dict(do_sample=False, num_beams=5, early_stopping=True, no_repeat_ngram_size=4),
+    "sampling": dict(do_sample=True, top_k=50, top_p=0.95, temperature=0.9),
+}
+
+
+class TextToTextModel(T5ForConditionalGeneration):
+    """T5 with the original project's `my_generate` helper."""
+
+    @torch.no_grad()
+    def my_generate(self, input_ids: torch.LongTensor, attention_mask: torch.LongTensor | None = None,
+                    max_seq_len: int = 256, search_type: str = "greedy", streamer=None,
+                    **overrides) -> torch.LongTensor:
+        """Generate answers for a batch of encoded prompts; returns (batch, new_tokens) ids."""
+        if search_type not in SEARCH_TYPES:
+            raise ValueError(f"search_type must be one of {sorted(SEARCH_TYPES)}, got {search_type!r}")
+        if search_type == "beam" and streamer is not None:
+            raise ValueError("streaming works with greedy or sampling search, not beam")
+        settings = {**SEARCH_TYPES[search_type], **overrides}
+        return self.generate(input_ids=input_ids, attention_mask=attention_mask, max_new_tokens=max_seq_len,
+                             decoder_start_token_id=PAD_ID, pad_token_id=PAD_ID, eos_token_id=EOS_ID,
+                             streamer=streamer, **settings)

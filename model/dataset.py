@@ -1,0 +1,319 @@
+"""Parquet datasets: a resumable training stream and a small evaluation set.
+
+Training data is read as a stream of parquet row groups, never as a whole table:
+
+- Shards. Every training process and every DataLoader worker is one shard. Each row group
+  is cut into `num_shards` contiguous slices and shard `s` reads slice `s` of every row
+  group, so shards are disjoint, balanced to a row, and cover every row.
+- Order. Each epoch visits the row groups in a seeded permutation. A shard's rows, in that
+  order, are cut into windows of `dataloader_buffer_size` rows. A window is tokenized,
+  sorted by length into batches of similar length, and the batches are shuffled.
+- Position. Window boundaries depend only on parquet metadata and every shuffle is seeded
+  by (seed, epoch, shard, window), so "window k, batch j" names the same rows in every run.
+  A resumed run skips whole windows without reading them and re-tokenizes one window.
+"""
+import dataclasses
+import math
+import os
+import signal
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
+
+from utils.errors import UserError
+from utils.files import expand_files
+
+TEXT_COLUMNS = ("prompt", "response")
+LABEL_PAD = -100  # ignored by the loss
+
+
+def open_parquet(path: str, columns=TEXT_COLUMNS) -> pq.ParquetFile:
+    """Open a parquet file for streaming and check it has `columns`."""
+    try:
+        # pre_buffer=False: pyarrow otherwise buffers ahead and holds what it read until the
+        # iteration ends (1.2 GB instead of 0.24 GB on a 2M-row file).
+        pf = pq.ParquetFile(path, pre_buffer=False)
+    except (pa.ArrowInvalid, OSError) as err:
+        raise UserError(f"{path} is not a readable parquet file ({err}); give a parquet file") from None
+    names = pf.schema_arrow.names
+    missing = [c for c in columns if c not in names]
+    if missing:
+        raise UserError(f"{path} has no column {', '.join(missing)} (found: {', '.join(names)}); "
+                        f"the data needs string columns {', '.join(columns)}")
+    for c in columns:
+        if not (pa.types.is_string(pf.schema_arrow.field(c).type)
+                or pa.types.is_large_string(pf.schema_arrow.field(c).type)):
+            raise UserError(f"column {c} of {path} is {pf.schema_arrow.field(c).type}, not string; "
+                            "convert it to text")
+    return pf
+
+
+@dataclasses.dataclass(frozen=True)
+class Piece:
+    """One row group of one file."""
+    file: int
+    row_group: int
+    num_rows: int
+    first_row: int  # global index of its first row, counting across all files in order
+    file_row: int  # index of its first row within its file
+
+
+def get_pieces(files: list[str]) -> list[Piece]:
+    pieces, offset = [], 0
+    for i, path in enumerate(files):
+        meta, file_row = open_parquet(path).metadata, 0
+        for rg in range(meta.num_row_groups):
+            n = meta.row_group(rg).num_rows
+            if n:
+                pieces.append(Piece(i, rg, n, offset + file_row, file_row))
+            file_row += n
+        offset += file_row
+    return pieces
+
+
+def count_rows(spec) -> int:
+    """Rows in the parquet files of `spec`, from metadata alone."""
+    return sum(open_parquet(f).metadata.num_rows for f in expand_files(spec))
+
+
+def shard_slices(pieces: list[Piece], seed: int, epoch: int, shard: int, num_shards: int):
+    """The (piece index, first row, end row) slices shard `shard` reads in `epoch`, in order."""
+    order = np.random.default_rng([seed, epoch]).permutation(len(pieces))
+    out = []
+    for i in order:
+        n = pieces[i].num_rows
+        start, stop = n * shard // num_shards, n * (shard + 1) // num_shards
+        if stop > start:
+            out.append((int(i), start, stop))
+    return out
+
+
+def encode(tokenizer, texts: list[str], max_seq_len: int) -> list[list[int]]:
+    # The tokenizer appends [EOS]; truncation keeps it as the last of max_seq_len tokens.
+    return tokenizer(texts, truncation=True, max_length=max_seq_len, add_special_tokens=True,
+                     return_attention_mask=False)["input_ids"]
+
+
+def non_empty(prompts: list, responses: list) -> np.ndarray:
+    return np.array([bool(p and p.strip()) and bool(r and r.strip()) for p, r in zip(prompts, responses)],
+                    dtype=bool)
+
+
+def random_batches(n: int, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+    order = rng.permutation(n)
+    return [order[i:i + batch_size] for i in range(0, n, batch_size)]
+
+
+def length_grouped_batches(prompt_lens: np.ndarray, response_lens: np.ndarray, batch_size: int,
+                           rng: np.random.Generator) -> list[np.ndarray]:
+    """Indices grouped into batches of similar length, in a shuffled batch order.
+
+    Each batch pads to its own longest prompt and longest response, so rows of similar
+    lengths should share a batch. Rows are shuffled (ties fall at random), sorted by
+    response length, cut into about sqrt(#batches) runs of similar response length, and
+    each run is sorted by prompt length before it is cut into batches. On the real sample
+    data this pads 13-24% of the computed tokens, against 46-56% for random batches; the
+    sqrt rule was the best of 1..64 runs at every window and batch size we tried.
+    """
+    n = len(prompt_lens)
+    order = rng.permutation(n)
+    order = order[np.lexsort((prompt_lens[order], response_lens[order]))]
+    runs = max(1, round(math.sqrt(math.ceil(n / batch_size))))
+    order = np.concatenate([run[np.argsort(prompt_lens[run], kind="stable")]
+                            for run in np.array_split(order, runs)])
+    batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    return [batches[i] for i in rng.permutation(len(batches))]
+
+
+def collate(examples_input: list[list[int]], examples_labels: list[list[int]]) -> dict:
+    """Pad to the batch's longest: pad id 0 for inputs, -100 for labels (ignored by the loss)."""
+    n, src_len, tgt_len = len(examples_input), max(map(len, examples_input)), max(map(len, examples_labels))
+    input_ids = torch.zeros((n, src_len), dtype=torch.long)
+    attention_mask = torch.zeros((n, src_len), dtype=torch.long)
+    labels = torch.full((n, tgt_len), LABEL_PAD, dtype=torch.long)
+    for i, (src, tgt) in enumerate(zip(examples_input, examples_labels)):
+        input_ids[i, :len(src)] = torch.tensor(src)
+        attention_mask[i, :len(src)] = 1
+        labels[i, :len(tgt)] = torch.tensor(tgt)
+    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+
+
+class TrainStream(IterableDataset):
+    """The training rows of one process, as length-grouped batches, resumable at any batch.
+
+    Each item is a padded batch plus metadata: `row_index` (global row numbers),
+    `position` ((shard, window, batches of that window done)) and `skipped` (empty rows
+    dropped from this window, reported once, with its first batch).
+    """
+
+    def __init__(self, files: list[str], tokenizer, batch_size: int, max_seq_len: int, buffer_size: int,
+                 seed: int, rank: int = 0, world_size: int = 1, num_workers: int = 0,
+                 keep_in_memory: bool = False, group_by_length: bool = True):
+        self.files, self.tokenizer = files, tokenizer
+        self.batch_size, self.max_seq_len, self.buffer_size = batch_size, max_seq_len, buffer_size
+        self.seed, self.rank, self.world_size = seed, rank, world_size
+        self.group_by_length = group_by_length
+        self.workers = max(1, num_workers)
+        self.pieces = get_pieces(files)
+        # Held in memory, the table is shared with the DataLoader workers by fork.
+        self.tables = [pq.read_table(f, columns=list(TEXT_COLUMNS)) for f in files] if keep_in_memory else None
+        self._open: dict[int, pq.ParquetFile] = {}
+        self.set_epoch(0)
+
+    @property
+    def num_shards(self) -> int:
+        return self.world_size * self.workers
+
+    def set_epoch(self, epoch: int, positions: dict | None = None, first_worker: int = 0) -> None:
+        """Start `epoch` after the batches recorded in `positions` ({shard: (window, done)}).
+
+        `first_worker` is the worker whose batch comes next: DataLoader worker 0 plays it,
+        so the round-robin order of an interrupted epoch continues unchanged.
+        """
+        self.epoch, self.positions, self.first_worker = epoch, dict(positions or {}), first_worker
+
+    def shard_of_worker(self, worker: int) -> int:
+        return self.rank * self.workers + (worker + self.first_worker) % self.workers
+
+    def __iter__(self):
+        info = get_worker_info()
+        if info is not None and info.num_workers != self.workers:
+            raise RuntimeError("TrainStream was built for a different number of workers")
+        shard = self.shard_of_worker(info.id if info is not None else 0)
+        window, done = self.positions.get(shard, (0, 0))
+        for k, prompts, responses, rows in self.windows(shard, window):
+            keep = non_empty(prompts, responses)
+            skipped = int((~keep).sum())
+            if not keep.any():
+                continue
+            prompts = [p for p, m in zip(prompts, keep) if m]
+            responses = [r for r, m in zip(responses, keep) if m]
+            rows = rows[keep]
+            src, tgt = encode(self.tokenizer, prompts, self.max_seq_len), encode(self.tokenizer, responses,
+                                                                                  self.max_seq_len)
+            rng = np.random.default_rng([self.seed, self.epoch, shard, k])
+            if self.group_by_length:
+                batches = length_grouped_batches(np.fromiter(map(len, src), int, len(src)),
+                                                 np.fromiter(map(len, tgt), int, len(tgt)), self.batch_size, rng)
+            else:
+                batches = random_batches(len(src), self.batch_size, rng)
+            for j, idx in enumerate(batches):
+                if k == window and j < done:
+                    continue
+                batch = collate([src[i] for i in idx], [tgt[i] for i in idx])
+                batch["row_index"] = torch.from_numpy(rows[idx])
+                batch["position"] = (shard, k, j + 1)
+                batch["skipped"] = skipped if j == 0 else 0
+                yield batch
+
+    def windows(self, shard: int, first_window: int):
+        """Yield (k, prompts, responses, global row indices) for windows k >= first_window.
+
+        Windows before `first_window` are skipped by arithmetic on row counts: nothing is read.
+        """
+        size = self.buffer_size
+        start = first_window * size  # shard-local position of the first row wanted
+        pos, k = 0, first_window
+        parts, buffered = [], 0
+        for i, lo, hi in shard_slices(self.pieces, self.seed, self.epoch, shard, self.num_shards):
+            n = hi - lo
+            if pos + n <= start:
+                pos += n
+                continue
+            skip = max(0, start - pos)
+            pos += n
+            parts.append(self.read(i, lo + skip, hi))
+            buffered += n - skip
+            while buffered >= size:
+                table = pa.concat_tables(parts)
+                yield k, *self._columns(table.slice(0, size))
+                k, buffered = k + 1, buffered - size
+                parts = [table.slice(size)] if buffered else []
+        if buffered:
+            yield k, *self._columns(pa.concat_tables(parts))
+
+    def read(self, i: int, lo: int, hi: int) -> pa.Table:
+        """Rows [lo, hi) of piece i, with a `row_index` column of global row numbers."""
+        piece = self.pieces[i]
+        if self.tables is not None:
+            table = self.tables[piece.file].slice(piece.file_row + lo, hi - lo)
+        else:
+            pf = self._open.get(piece.file)
+            if pf is None:
+                pf = self._open[piece.file] = open_parquet(self.files[piece.file])
+            table = pf.read_row_group(piece.row_group, columns=list(TEXT_COLUMNS)).slice(lo, hi - lo)
+        index = pa.array(np.arange(piece.first_row + lo, piece.first_row + hi, dtype=np.int64))
+        return table.append_column("row_index", index)
+
+    @staticmethod
+    def _columns(table: pa.Table):
+        return (table.column("prompt").to_pylist(), table.column("response").to_pylist(),
+                table.column("row_index").to_numpy())
+
+
+def _ignore_signals(_worker_id: int) -> None:
+    # Ctrl+C and SIGTERM reach the whole process group; the training process saves and stops
+    # the workers itself, so a worker must not die first and break the last batch.
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def get_train_loader(stream: TrainStream, num_workers: int, pin_memory: bool = False) -> DataLoader:
+    return DataLoader(
+        stream, batch_size=None, num_workers=num_workers, worker_init_fn=_ignore_signals,
+        prefetch_factor=4 if num_workers else None, pin_memory=pin_memory,
+        # Its own generator: creating an iterator must not draw from the global torch RNG,
+        # or a resumed run's dropout would drift from an uninterrupted one.
+        generator=torch.Generator())
+
+
+class EvalSet(Dataset):
+    """The first `max_rows` non-empty rows of a file, tokenized, shortest first."""
+
+    def __init__(self, path: str, tokenizer, max_seq_len: int, max_rows: int, columns=TEXT_COLUMNS):
+        pf = open_parquet(path, columns)
+        prompts, responses, extra, self.skipped = [], [], {c: [] for c in columns[2:]}, 0
+        for batch in pf.iter_batches(batch_size=4096, columns=list(columns)):
+            p, r = batch.column("prompt").to_pylist(), batch.column("response").to_pylist()
+            keep = non_empty(p, r)
+            self.skipped += int((~keep).sum())
+            prompts += [x for x, m in zip(p, keep) if m]
+            responses += [x for x, m in zip(r, keep) if m]
+            for c in extra:
+                extra[c] += [x for x, m in zip(batch.column(c).to_pylist(), keep) if m]
+            if len(prompts) >= max_rows:
+                break
+        self.prompts, self.responses = prompts[:max_rows], responses[:max_rows]
+        self.extra = {c: v[:max_rows] for c, v in extra.items()}
+        self.src = encode(tokenizer, self.prompts, max_seq_len)
+        self.tgt = encode(tokenizer, self.responses, max_seq_len)
+        self.order = sorted(range(len(self.src)), key=lambda i: (len(self.src[i]), len(self.tgt[i])))
+
+    def __len__(self) -> int:
+        return len(self.src)
+
+    def __getitem__(self, i: int) -> tuple[list[int], list[int], int]:
+        j = self.order[i]
+        return self.src[j], self.tgt[j], j
+
+    def columns(self) -> list[str]:
+        return ["prompt", "response", *self.extra]
+
+
+def collate_rows(rows: list[tuple[list[int], list[int], int]]) -> dict:
+    """Pad a batch of evaluation rows; `index` says which row of the EvalSet each one is."""
+    batch = collate([r[0] for r in rows], [r[1] for r in rows])
+    batch["index"] = torch.tensor([r[2] for r in rows])
+    return batch
+
+
+def get_eval_loader(dataset: EvalSet, batch_size: int) -> DataLoader:
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_rows)
+
+
+def describe(files: list[str]) -> str:
+    size = sum(os.path.getsize(f) for f in files)
+    return f"{len(files)} file(s), {count_rows(files):,} rows, {size / 2**20:.1f} MiB"

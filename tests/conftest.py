@@ -1,0 +1,73 @@
+"""Shared fixtures: tiny parquet data and a tiny tokenizer, made in temporary folders."""
+import os
+import subprocess
+import sys
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+SAMPLE_DIR = os.path.join(ROOT, "..", "shared", "data", "chatlm_sample")
+sys.path.insert(0, ROOT)
+sys.path.insert(0, os.path.join(ROOT, "data"))
+
+
+def write_rows(path, prompts, responses, row_group_size=None, **extra):
+    table = pa.table({"prompt": pa.array(prompts, pa.string()), "response": pa.array(responses, pa.string()),
+                      **{k: pa.array(v) for k, v in extra.items()}})
+    pq.write_table(table, path, row_group_size=row_group_size)
+    return str(path)
+
+
+def demo_rows(n, seed=0):
+    """n rows of the demo's number tasks (short, learnable)."""
+    import random
+
+    from make_demo_data import num2zh, zh2num
+    rng = random.Random(seed)
+    rows = [(num2zh if i % 2 else zh2num)(rng.randrange(10000)) for i in range(n)]
+    return [p for p, _ in rows], [r for _, r in rows]
+
+
+@pytest.fixture(scope="session")
+def data_dir(tmp_path_factory):
+    d = tmp_path_factory.mktemp("data")
+    prompts, responses = demo_rows(400)
+    write_rows(d / "train.parquet", prompts, responses, row_group_size=150, row_id=list(range(400)))
+    prompts, responses = demo_rows(24, seed=1)
+    write_rows(d / "valid.parquet", prompts, responses)
+    return d
+
+
+@pytest.fixture(scope="session")
+def tokenizer_dir(data_dir, tmp_path_factory):
+    from utils.tokenizer import train_tokenizer
+    out = tmp_path_factory.mktemp("tok") / "tokenizer"
+    train_tokenizer(str(data_dir / "train.parquet"), str(out), vocab_size=128, model_max_length=32)
+    return str(out)
+
+
+def tiny_flags(tmp_path, data_dir, tokenizer_dir, **overrides):
+    """Flags for a fast tiny run writing everything under tmp_path."""
+    flags = dict(train_file=str(data_dir / "train.parquet"), validation_file=str(data_dir / "valid.parquet"),
+                 tokenizer_dir=tokenizer_dir, output_dir=str(tmp_path / "out"),
+                 train_state_dir=str(tmp_path / "out" / "state"), model_size="tiny", max_seq_len=32,
+                 batch_size_per_gpu=8, gradient_accumulation_steps=1, learn_rate=1e-3, warmup_steps=5,
+                 epochs=1, logging_steps=1, save_steps=1000, dataloader_buffer_size=64, max_eval_rows=8,
+                 log_with="none", seed=7)
+    flags.update(overrides)
+    return flags
+
+
+def as_args(flags):
+    return [f"--{k}={v}" for k, v in flags.items()]
+
+
+def run_cli(*args, check=True, timeout=600, env=None):
+    """Run an entry script as a user would; returns the CompletedProcess."""
+    proc = subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True, timeout=timeout,
+                          env={**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})})
+    if check and proc.returncode != 0:
+        raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    return proc

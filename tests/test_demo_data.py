@@ -1,0 +1,37 @@
+import datetime
+
+import pyarrow.parquet as pq
+
+from conftest import ROOT
+from make_demo_data import main, to_chinese_date, to_chinese_number
+
+
+def test_numerals_follow_the_issue_examples():
+    cases = {0: "零", 5: "五", 10: "十", 15: "十五", 20: "二十", 101: "一百零一", 110: "一百一十",
+             1005: "一千零五", 1010: "一千零一十", 1050: "一千零五十", 2001: "二千零一", 9999: "九千九百九十九"}
+    assert {n: to_chinese_number(n) for n in cases} == cases
+
+
+def test_dates():
+    assert to_chinese_date(datetime.date(2024, 3, 5)) == "二〇二四年三月五日"
+    assert to_chinese_date(datetime.date(1900, 12, 31)) == "一九〇〇年十二月三十一日"
+
+
+def test_generator_is_deterministic_and_test_split_is_held_out(tmp_path):
+    main(out_dir=str(tmp_path), test_per_task=50, valid_per_task=20, train_dates=500)
+    split = {name: pq.read_table(tmp_path / f"demo_{name}.parquet").to_pylist() for name in ("train", "valid", "test")}
+    train_prompts = {r["prompt"] for r in split["train"]}
+    assert not train_prompts & {r["prompt"] for r in split["test"]}
+    # Held-out numbers appear in neither direction in training.
+    test_numbers = {r["response"] for r in split["test"] if r["task"] == "zh2num"}
+    assert not test_numbers & {r["response"] for r in split["train"] if r["task"] == "zh2num"}
+    assert {r["task"] for r in split["test"]} == {"num2zh", "zh2num", "date2zh"}
+    main(out_dir=str(tmp_path / "again"), test_per_task=50, valid_per_task=20, train_dates=500)
+    assert pq.read_table(tmp_path / "again" / "demo_train.parquet").to_pylist() == split["train"]
+
+
+def test_committed_demo_data_is_what_the_script_writes(tmp_path):
+    main(out_dir=str(tmp_path))
+    for name in ("train", "valid", "test"):
+        assert (pq.read_table(tmp_path / f"demo_{name}.parquet").to_pylist()
+                == pq.read_table(f"{ROOT}/data/demo_{name}.parquet").to_pylist())

@@ -1,0 +1,308 @@
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from config import TrainConfig, load_config
+from conftest import ROOT, as_args, run_cli, tiny_flags, write_rows
+from model.trainer import ChatTrainer, evaluate, get_lr_lambda, get_optimizer
+from utils.errors import UserError
+
+
+@pytest.fixture(autouse=True)
+def fresh_accelerate_state():
+    """Each in-process run builds its own Accelerator; forget the previous one's settings."""
+    from accelerate.state import AcceleratorState, GradientState
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    yield
+
+
+def run_in_process(tmp_path, data_dir, tokenizer_dir, **overrides) -> ChatTrainer:
+    trainer = ChatTrainer(load_config(**tiny_flags(tmp_path, data_dir, tokenizer_dir, **overrides)))
+    trainer.train()
+    return trainer
+
+
+def logged(trainer_or_dir, key):
+    """Per-step values of `key` from train.log."""
+    out = trainer_or_dir if isinstance(trainer_or_dir, str) else trainer_or_dir.cfg.output_dir
+    with open(os.path.join(out, "train.log"), encoding="utf-8") as f:
+        return [(int(m.group(1)), float(m.group(2))) for m in
+                re.finditer(rf"step (\d+)/\d+ .*?{key} ([-\d.e+]+)", f.read())]
+
+
+def test_finetune_freezes_embedding_and_encoder(tmp_path, data_dir, tokenizer_dir):
+    base = run_in_process(tmp_path / "base", data_dir, tokenizer_dir, max_steps=2)
+    checkpoint = os.path.join(base.cfg.output_dir, "final")
+    before = load_file(os.path.join(checkpoint, "model.safetensors"))
+    ft = run_in_process(tmp_path / "ft", data_dir, tokenizer_dir, is_finetune=True, finetune_from_ckp_file=checkpoint,
+                        max_steps=4, learn_rate=1e-2)
+    model = ft.accelerator.unwrap_model(ft.model)
+    after = {k: v.detach() for k, v in model.state_dict().items()}
+    frozen = [k for k in after if k.startswith(("shared.", "encoder."))]
+    assert frozen and all(torch.equal(after[k], before[k]) for k in frozen if k in before)
+    assert torch.equal(after["shared.weight"], before["shared.weight"])
+    decoder = [k for k in after if k.startswith("decoder.") and "embed_tokens" not in k]
+    assert all(not torch.equal(after[k], before[k]) for k in decoder if k.endswith(".weight") and "layer_norm" not in k)
+    in_optimizer = {id(p) for g in ft.optimizer.param_groups for p in g["params"]}
+    trainable = {id(p) for p in model.parameters() if p.requires_grad}
+    assert in_optimizer == trainable
+    assert not any(p.requires_grad for p in model.encoder.parameters()) and not model.shared.weight.requires_grad
+
+
+def test_lr_each_step_equals_the_schedule(tmp_path, data_dir, tokenizer_dir):
+    for optimizer in ("adamw", "adafactor"):
+        trainer = run_in_process(tmp_path / optimizer, data_dir, tokenizer_dir, max_steps=12, warmup_steps=4,
+                                 learn_rate=0.01, div_factor=10, optimizer=optimizer)
+        expected = get_lr_lambda(12, 4, 10)
+        lrs = logged(trainer, "lr")
+        assert [s for s, _ in lrs] == list(range(1, 13))
+        for step, lr in lrs:
+            assert lr == pytest.approx(0.01 * expected(step - 1), rel=1e-3)
+        assert lrs[0][1] == pytest.approx(0.001, rel=1e-3) and lrs[4][1] == pytest.approx(0.01, rel=1e-3)
+        applied = trainer.optimizer.param_groups[0]["lr"]
+        assert applied == pytest.approx(0.01 * expected(12))
+
+
+@pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
+def test_the_learning_rate_is_really_applied(optimizer):
+    """The same gradient moves the weights twice as far with twice the lr (Adafactor with
+    relative_step=True, as in the original, ignores lr and fails this)."""
+    moves = []
+    for lr in (1e-3, 2e-3):
+        torch.manual_seed(0)
+        model = torch.nn.Linear(4, 4)
+        start = model.weight.detach().clone()
+        opt = get_optimizer(model, TrainConfig(optimizer=optimizer, learn_rate=lr, weight_decay=0.0))
+        model(torch.ones(2, 4)).sum().backward()
+        opt.step()
+        moves.append((model.weight.detach() - start).abs().sum().item())
+    assert moves[1] == pytest.approx(2 * moves[0], rel=1e-4)
+
+
+def test_accumulation_scales_the_loss_exactly_once(tmp_path, tokenizer_dir):
+    # Rows of equal length: 4 micro-batches of 2 rows and 1 batch of the same 8 rows give the
+    # same mean loss, so gradients and updates must match.
+    n = [1234, 5678, 9012, 3456, 7890, 2345, 6789, 1357] * 2
+    path = write_rows(tmp_path / "eq.parquet", [f"{x}是多少？" for x in n], [str(x)[::-1] for x in n])
+    # Adafactor's update is continuous in the gradient (Adam's first steps are nearly its sign, which
+    # turns rounding noise in near-zero gradients into full-size differences); the grad norm,
+    # logged before clipping, catches a loss scaled twice.
+    common = dict(train_file=path, validation_file="", max_steps=2, dataloader_buffer_size=8, warmup_steps=0,
+                  max_grad_norm=1e9, optimizer="adafactor", learn_rate=1e-2)
+    micro = run_in_process(tmp_path / "micro", tmp_path, tokenizer_dir, batch_size_per_gpu=2,
+                           gradient_accumulation_steps=4, **common)
+    from accelerate.state import AcceleratorState, GradientState
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    whole = run_in_process(tmp_path / "whole", tmp_path, tokenizer_dir, batch_size_per_gpu=8,
+                           gradient_accumulation_steps=1, **common)
+    assert micro.progress.micro_step == 8 and whole.progress.micro_step == 2
+    for (_, a), (_, b) in zip(logged(micro, "grad_norm"), logged(whole, "grad_norm"), strict=True):
+        assert a == pytest.approx(b, rel=1e-5)
+    wa, wb = micro.accelerator.unwrap_model(micro.model), whole.accelerator.unwrap_model(whole.model)
+    for (name, pa), pb in zip(wa.named_parameters(), wb.parameters()):
+        assert torch.allclose(pa, pb, atol=1e-5), name
+    from accelerate.utils import set_seed
+
+    from config import T5ModelConfig
+    from model.chat_model import TextToTextModel, get_t5_config
+    set_seed(micro.cfg.seed)  # the initial weights of both runs
+    init = TextToTextModel(get_t5_config(T5ModelConfig.preset("tiny"), len(micro.tokenizer)))
+    assert (init.lm_head.weight - wa.lm_head.weight).abs().max() > 1e-3  # the updates are not trivial
+
+
+class FakeSeq2Seq(torch.nn.Module):
+    """Generates the reference for the first batch and nonsense for the second."""
+
+    def __init__(self, answers):
+        super().__init__()
+        self.answers, self.calls = answers, 0
+        self.dummy = torch.nn.Parameter(torch.zeros(1))
+
+    def forward(self, input_ids, attention_mask, labels):
+        return type("Out", (), {"logits": torch.zeros(*labels.shape, 128)})()
+
+    def generate(self, input_ids, **_):
+        out = self.answers[self.calls]
+        self.calls += 1
+        return out
+
+
+def test_bleu_pools_every_batch(tmp_path, tokenizer_dir):
+    from accelerate import Accelerator
+
+    from model.dataset import EvalSet, get_eval_loader
+    from utils.metrics import bleu4
+    from utils.tokenizer import load_tokenizer
+    tok = load_tokenizer(tokenizer_dir)
+    refs = ["一千二百三十四", "五千六百七十八", "九千零一十二", "三千四百五十六"]
+    path = write_rows(tmp_path / "v.parquet", [f"{i}是多少？" for i in range(4)], refs)
+    dataset = EvalSet(path, tok, 32, 10)
+    in_order = [dataset.responses[dataset.order[i]] for i in range(4)]
+    wrong = ["一千一百一十一", "零"]
+    answers = [tok(in_order[:2], padding=True, return_tensors="pt").input_ids,
+               tok(wrong, padding=True, return_tensors="pt").input_ids]
+    accelerator = Accelerator(cpu=True)
+    loader = accelerator.prepare(get_eval_loader(dataset, 2))
+    result = evaluate(FakeSeq2Seq(answers), loader, accelerator, tok, 16)
+    assert result["hypotheses"] == in_order[:2] + wrong
+    pooled = bleu4(in_order, in_order[:2] + wrong)
+    assert result["bleu4"] == pytest.approx(pooled)
+    assert 0 < pooled < 1 and pooled != pytest.approx(bleu4(in_order[2:], wrong))  # not the last batch alone
+
+
+def test_saved_model_loads_with_auto_classes(tmp_path, data_dir, tokenizer_dir):
+    from transformers import AutoModelForSeq2SeqLM, AutoTokenizer
+    trainer = run_in_process(tmp_path, data_dir, tokenizer_dir, max_steps=3)
+    for name in ("final", "best"):
+        path = os.path.join(trainer.cfg.output_dir, name)
+        assert os.path.isfile(os.path.join(path, "model.safetensors"))
+        assert not any(f.endswith((".bin", ".pt", ".pkl")) for f in os.listdir(path))  # no pickle
+        model, tok = AutoModelForSeq2SeqLM.from_pretrained(path), AutoTokenizer.from_pretrained(path)
+        inputs = tok(["把12写成中文数字。"], return_tensors="pt")
+        out = model.generate(**inputs, max_new_tokens=5)
+        assert out.shape[0] == 1 and isinstance(tok.decode(out[0], skip_special_tokens=True), str)
+    ours = trainer.accelerator.unwrap_model(trainer.model).eval()
+    with torch.no_grad():
+        labels = torch.tensor([[5, 6, 1]])
+        theirs = AutoModelForSeq2SeqLM.from_pretrained(os.path.join(trainer.cfg.output_dir, "final")).eval()
+        assert torch.allclose(ours(**inputs, labels=labels).logits, theirs(**inputs, labels=labels).logits, atol=1e-6)
+
+
+def test_loss_falls(tmp_path, data_dir, tokenizer_dir):
+    trainer = run_in_process(tmp_path, data_dir, tokenizer_dir, epochs=3, learn_rate=3e-3, warmup_steps=10)
+    losses = [v for _, v in logged(trainer, "loss")]
+    assert sum(losses[-5:]) / 5 < 0.6 * sum(losses[:5]) / 5
+
+
+# ---- through the command line, as a user runs it --------------------------------------
+
+def train_until_sigterm(flags, after_step, log):
+    """Start `train.py train`, send SIGTERM once it logs `after_step`, wait for it to save and exit."""
+    proc = subprocess.Popen([sys.executable, "train.py", "train", *as_args(flags)], cwd=ROOT, text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines = []
+    for line in proc.stdout:
+        lines.append(line)
+        m = re.search(r"step (\d+)/", line)
+        if m and int(m.group(1)) >= after_step:
+            proc.send_signal(signal.SIGTERM)
+            break
+    lines += proc.stdout.readlines()
+    assert proc.wait(timeout=300) == 0, "".join(lines[-30:])
+    log.write_text("".join(lines))
+    return "".join(lines)
+
+
+def read_trace(out_dir):
+    with open(os.path.join(out_dir, "samples.rank0.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line)["rows"] for line in f]
+
+
+def test_resume_after_sigterm_twice_matches_an_uninterrupted_run(tmp_path, data_dir, tokenizer_dir):
+    # 60 optimizer steps of 2 micro-batches: 120 batches, over two epochs of 50 batches.
+    common = dict(max_steps=60, gradient_accumulation_steps=2, epochs=5, trace_samples=True, learn_rate=3e-3,
+                  warmup_steps=10)
+    straight = tiny_flags(tmp_path / "a", data_dir, tokenizer_dir, **common)
+    run_cli("train.py", "train", *as_args(straight))
+    flags = tiny_flags(tmp_path / "b", data_dir, tokenizer_dir, **common)
+    out = train_until_sigterm(flags, 15, tmp_path / "b1.log")
+    first_stop = int(re.search(r"stopped at step (\d+)", out).group(1))
+    assert 15 <= first_stop < 60 and "Traceback" not in out
+    out = train_until_sigterm({**flags, "is_keep_training": True}, first_stop + 15, tmp_path / "b2.log")
+    second_stop = int(re.search(r"stopped at step (\d+)", out).group(1))
+    assert f"resumed from" in out and first_stop < second_stop < 60
+    out = run_cli("train.py", "train", *as_args({**flags, "is_keep_training": True})).stdout
+    assert f"step {second_stop + 1}/" in out  # continues at the next step
+    a = load_file(os.path.join(straight["output_dir"], "final", "model.safetensors"))
+    b = load_file(os.path.join(flags["output_dir"], "final", "model.safetensors"))
+    assert a.keys() == b.keys()
+    for k in a:
+        assert torch.allclose(a[k], b[k], atol=1e-6), k
+    assert read_trace(flags["output_dir"]) == read_trace(straight["output_dir"])  # the same samples, in order
+
+
+def test_two_processes_train_and_save_a_loadable_model(tmp_path, data_dir, tokenizer_dir):
+    from transformers import AutoModelForSeq2SeqLM
+    flags = tiny_flags(tmp_path, data_dir, tokenizer_dir, max_steps=4, trace_samples=True)
+    # `accelerate launch --cpu` starts one process unless MPI is set up; --multi_gpu starts two
+    # through torchrun, and on a machine without a GPU the trainer joins them over gloo.
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+                           "train.py", "train", *as_args(flags)], cwd=ROOT, capture_output=True, text=True,
+                          timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "2 process(es)" in proc.stdout
+    rows = [set(), set()]
+    for rank in range(2):
+        with open(os.path.join(flags["output_dir"], f"samples.rank{rank}.jsonl"), encoding="utf-8") as f:
+            for line in f:
+                rows[rank].update(json.loads(line)["rows"])
+    assert rows[0] and rows[1] and not rows[0] & rows[1]  # each process reads its own rows
+    AutoModelForSeq2SeqLM.from_pretrained(os.path.join(flags["output_dir"], "final"))
+
+
+def test_quickstart_main_command_on_a_reduced_budget(tmp_path):
+    out = tmp_path / "demo"
+    proc = run_cli("train.py", "train", "--config=data/demo.yaml", "--max_steps=30", f"--output_dir={out}",
+                   f"--train_state_dir={out}/state", f"--tokenizer_dir={out}/tokenizer", "--max_eval_rows=32")
+    log = proc.stdout
+    assert "no tokenizer in" in log and "final model saved" in log
+    for task in ("num2zh", "zh2num", "date2zh"):
+        assert re.search(rf"exact match +{task}: +[\d.]+% \(\d+/300\)", log), log[-2000:]
+    assert log.count(" -> ") >= 3  # sample answers
+    answer = run_cli("train.py", "chat", f"--model_dir={out}/final", "--prompt=把12写成中文数字。")
+    assert answer.stdout.strip().count("\n") == 0
+    report = run_cli("train.py", "evaluate", f"--model_dir={out}/final", "--test_file=data/demo_valid.parquet")
+    assert "exact match" in report.stdout
+
+
+# ---- user mistakes: one line, exit 2, nothing saved before is touched -------------------
+
+def test_user_errors_are_one_line(tmp_path, data_dir, tokenizer_dir):
+    flags = tiny_flags(tmp_path, data_dir, tokenizer_dir, max_steps=2)
+    run_cli("train.py", "train", *as_args(flags))
+    state_dir = flags["train_state_dir"]
+    before = sorted(os.listdir(state_dir))
+    wrong_columns = tmp_path / "wrong.parquet"
+    write_rows(wrong_columns, ["a"], ["b"])
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    pq.write_table(pa.table({"q": ["a"], "a": ["b"]}), wrong_columns)
+    other_tok = tmp_path / "other_tok"
+    from utils.tokenizer import train_tokenizer
+    train_tokenizer(str(data_dir / "train.parquet"), str(other_tok), vocab_size=200)
+    cases = {
+        "already holds train states": {},
+        "no train state in": {"is_keep_training": True, "train_state_dir": str(tmp_path / "none")},
+        "not found": {"train_file": str(tmp_path / "missing.parquet"), "overwrite": True},
+        "found: q, a": {"train_file": str(wrong_columns), "overwrite": True},
+        "finetune_from_ckp_file": {"is_finetune": True, "finetune_from_ckp_file": str(tmp_path / "nope"),
+                                   "overwrite": True},
+        "embeddings but the tokenizer has": {"is_finetune": True, "overwrite": True, "tokenizer_dir": str(other_tok),
+                                             "finetune_from_ckp_file": os.path.join(flags["output_dir"], "final"),
+                                             "train_state_dir": str(tmp_path / "s2")},
+        "must be int": {"epochs": "many"},
+    }
+    for message, change in cases.items():
+        proc = run_cli("train.py", "train", *as_args({**flags, **change}), check=False)
+        assert proc.returncode == 2, (message, proc.stdout[-2000:], proc.stderr[-2000:])
+        assert message in proc.stderr and proc.stderr.strip().count("\n") == 0, (message, proc.stderr)
+        assert "Traceback" not in proc.stdout + proc.stderr
+        assert sorted(os.listdir(state_dir)) == before
+    assert run_cli("train.py", "chat", f"--model_dir={tmp_path}/nothing", "--prompt=hi", check=False).returncode == 2
+
+
+def test_a_run_without_validation_file_or_tensorboard_works(tmp_path, data_dir, tokenizer_dir):
+    trainer = run_in_process(tmp_path, data_dir, tokenizer_dir, max_steps=2, validation_file="", log_with="tensorboard")
+    assert os.path.isdir(os.path.join(trainer.cfg.output_dir, "final"))
+    assert any("tfevents" in f for _, _, files in os.walk(trainer.cfg.output_dir) for f in files)

@@ -1,0 +1,102 @@
+"""Train the project's tokenizer: BPE from the `tokenizers` library, saved as a PreTrainedTokenizerFast.
+
+Special tokens: [PAD]=0 (also T5's decoder start token), [EOS]=1, [UNK]=2. The tokenizer
+appends [EOS] to every text itself, so `tokenizer(prompt)` is exactly the encoder input the
+model was trained on.
+"""
+import os
+
+import numpy as np
+
+import pyarrow.parquet as pq
+from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
+from transformers import PreTrainedTokenizerFast
+
+from utils.errors import UserError
+from utils.files import atomic_dir, expand_files
+
+PAD, EOS, UNK = "[PAD]", "[EOS]", "[UNK]"
+SPECIAL_TOKENS = [PAD, EOS, UNK]
+TEXT_COLUMNS = ("prompt", "response")
+# Always in the vocabulary, however rare in the corpus: the space marker and printable ASCII.
+ASCII_ALPHABET = ["▁"] + [chr(c) for c in range(33, 127)]
+
+
+def iter_corpus(files: list[str], max_rows: int, seed: int = 0):
+    """Yield the texts of about `max_rows` rows sampled evenly from parquet and text files.
+
+    Parquet is read one row group at a time and each row kept with a fixed probability, so
+    a 10 GB corpus costs a row group of memory, not the file.
+    """
+    parquet = [f for f in files if f.endswith(".parquet")]
+    text = [f for f in files if not f.endswith(".parquet")]
+    total = sum(pq.ParquetFile(f).metadata.num_rows for f in parquet) + sum(_count_lines(f) for f in text)
+    keep = min(1.0, max_rows / max(total, 1))
+    rng = np.random.default_rng(seed)
+    for path in parquet:
+        pf = pq.ParquetFile(path, pre_buffer=False)
+        columns = [c for c in TEXT_COLUMNS if c in pf.schema_arrow.names]
+        if not columns:
+            raise UserError(f"{path} has no prompt/response column (found {pf.schema_arrow.names})")
+        for batch in pf.iter_batches(batch_size=8192, columns=columns):
+            chosen = np.flatnonzero(rng.random(batch.num_rows) < keep)
+            for column in batch.columns:
+                yield from (t for t in column.take(chosen).to_pylist() if t)
+    for path in text:
+        with open(path, encoding="utf-8") as f:
+            for line in f:
+                if line.strip() and rng.random() < keep:
+                    yield line.rstrip("\n")
+
+
+def _count_lines(path: str) -> int:
+    with open(path, "rb") as f:
+        return sum(1 for _ in f)
+
+
+def train_tokenizer(files: str | list[str], output_dir: str, vocab_size: int = 29298,
+                    max_rows: int = 1_000_000, model_max_length: int = 256,
+                    seed: int = 0) -> PreTrainedTokenizerFast:
+    """Train a BPE tokenizer on the prompt/response texts of `files` and save it to `output_dir`."""
+    files = expand_files(files)
+    tokenizer = Tokenizer(models.BPE(unk_token=UNK))
+    # Digits are split one by one (numbers stay learnable); spaces become ▁ so decoding keeps
+    # them; punctuation stands alone. Chinese has no spaces: BPE merges characters into words.
+    tokenizer.pre_tokenizer = pre_tokenizers.Sequence([
+        pre_tokenizers.Metaspace(replacement="▁", prepend_scheme="never"),
+        pre_tokenizers.Digits(individual_digits=True),
+        pre_tokenizers.Punctuation(behavior="isolated"),
+    ])
+    tokenizer.decoder = decoders.Metaspace(replacement="▁", prepend_scheme="never")
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size, special_tokens=SPECIAL_TOKENS, min_frequency=2,
+        # A Chinese corpus holds tens of thousands of rare characters: keep the most
+        # frequent ones as the alphabet and let the rest fall to [UNK].
+        limit_alphabet=vocab_size // 2 + len(ASCII_ALPHABET), initial_alphabet=ASCII_ALPHABET,
+        show_progress=False)
+    tokenizer.train_from_iterator(iter_corpus(files, max_rows, seed), trainer=trainer)
+    tokenizer.post_processor = processors.TemplateProcessing(
+        single=f"$A {EOS}", pair=f"$A {EOS} $B {EOS}", special_tokens=[(EOS, tokenizer.token_to_id(EOS))])
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, pad_token=PAD, eos_token=EOS, unk_token=UNK,
+        model_max_length=model_max_length, clean_up_tokenization_spaces=False)
+    assert fast.pad_token_id == 0 and fast.eos_token_id == 1, "special token ids moved"
+    save_tokenizer(fast, output_dir)
+    return fast
+
+
+def save_tokenizer(tokenizer: PreTrainedTokenizerFast, output_dir: str) -> None:
+    with atomic_dir(output_dir) as tmp:
+        tokenizer.save_pretrained(tmp)
+
+
+def load_tokenizer(path: str) -> PreTrainedTokenizerFast:
+    """Load a tokenizer directory and check the special tokens the model relies on."""
+    if not os.path.isfile(os.path.join(path, "tokenizer.json")):
+        raise UserError(f"no tokenizer in {path}; train one with `python train.py train_tokenizer` "
+                        "or point --tokenizer_dir at a tokenizer directory")
+    tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+    if tokenizer.pad_token_id != 0 or tokenizer.eos_token_id != 1:
+        raise UserError(f"tokenizer in {path} must have [PAD]=0 and [EOS]=1 "
+                        f"(has pad={tokenizer.pad_token_id}, eos={tokenizer.eos_token_id}); retrain it")
+    return tokenizer
