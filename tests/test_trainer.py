@@ -56,6 +56,14 @@ def test_finetune_freezes_embedding_and_encoder(tmp_path, data_dir, tokenizer_di
     trainable = {id(p) for p in model.parameters() if p.requires_grad}
     assert in_optimizer == trainable
     assert not any(p.requires_grad for p in model.encoder.parameters()) and not model.shared.weight.requires_grad
+    from accelerate.state import AcceleratorState, GradientState
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    resumed = run_in_process(tmp_path / "ft", data_dir, tokenizer_dir, is_finetune=True, is_keep_training=True,
+                             finetune_from_ckp_file=checkpoint, max_steps=6, learn_rate=1e-2)
+    assert resumed.progress.step == 6
+    model = resumed.accelerator.unwrap_model(resumed.model)
+    assert all(torch.equal(model.state_dict()[k], before[k]) for k in frozen if k in before)
 
 
 def test_lr_each_step_equals_the_schedule(tmp_path, data_dir, tokenizer_dir):
@@ -288,9 +296,14 @@ def test_user_errors_are_one_line(tmp_path, data_dir, tokenizer_dir):
         "found: q, a": {"train_file": str(wrong_columns), "overwrite": True},
         "finetune_from_ckp_file": {"is_finetune": True, "finetune_from_ckp_file": str(tmp_path / "nope"),
                                    "overwrite": True},
-        "embeddings but the tokenizer has": {"is_finetune": True, "overwrite": True, "tokenizer_dir": str(other_tok),
-                                             "finetune_from_ckp_file": os.path.join(flags["output_dir"], "final"),
-                                             "train_state_dir": str(tmp_path / "s2")},
+        "trained with another tokenizer": {"is_finetune": True, "overwrite": True, "tokenizer_dir": str(other_tok),
+                                           "finetune_from_ckp_file": os.path.join(flags["output_dir"], "final"),
+                                           "train_state_dir": str(tmp_path / "s2")},
+        "does not fit --model_size=tiny": {"is_finetune": True, "overwrite": True, "tokenizer_dir": str(other_tok),
+                                           "finetune_from_ckp_file": os.path.join(flags["output_dir"], "final",
+                                                                                  "model.safetensors"),
+                                           "train_state_dir": str(tmp_path / "s3")},
+        "resume with the --model_size": {"is_keep_training": True, "model_size": "small"},
         "must be int": {"epochs": "many"},
     }
     for message, change in cases.items():
