@@ -188,6 +188,10 @@ class ChatTrainer:
         acc = self.accelerator
         self.logger = get_logger(cfg.output_dir, acc.is_main_process)
         self.check_train_state_dir()
+        if cfg.num_workers:
+            # Each worker process tokenizes already; the tokenizer's own thread pool would only
+            # compete with training (and it warns after every fork).
+            os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
         if acc.device.type == "cpu" and cfg.num_workers:
             # DataLoader workers tokenize on the same cores: leave them one each, or the compute
             # threads spin-wait on preempted peers and a step can take many times longer.

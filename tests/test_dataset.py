@@ -62,6 +62,13 @@ def test_empty_rows_are_skipped_and_counted(tmp_path, tok):
     assert skipped == 30 and len(ids) == 270 and not set(ids) & set(range(0, 300, 10))
 
 
+def test_a_window_of_only_empty_rows_is_counted_too(tmp_path, tok):
+    prompts = [None] * 40 + [f"{i}是多少？" for i in range(20)]
+    path = write_rows(tmp_path / "e.parquet", prompts, ["1"] * 60)
+    batches = list(make(path, tok, buffer=32))
+    assert sum(b["skipped"] for b in batches) == 40 and sum(len(b["row_index"]) for b in batches) == 20
+
+
 def test_each_epoch_reshuffles_and_same_seed_repeats(tmp_path, tok):
     path = rows_file(tmp_path)
     a, b = make(path, tok), make(path, tok)
