@@ -3,7 +3,8 @@
     python bench/bench_memory.py                 # uses /tmp/bench_data/synthetic_{100000,10m}.parquet
 
 Each run: `<script> train --model_size=tiny --train_file=FILE --max_steps=30` with a tokenizer
-trained on the real sample data; peak RSS is the training process's ru_maxrss.
+trained on the real sample data and 64 rows of the real validation sample; peak RSS is the
+training process's ru_maxrss (with its DataLoader workers, the largest of them).
 """
 import os
 import shutil
@@ -11,7 +12,7 @@ import sys
 
 import fire
 
-from common import DATA_DIR, measure, synthetic, tokenizer
+from common import DATA_DIR, SAMPLE_DIR, measure, synthetic, tokenizer
 
 
 def main(small_rows: int = 100_000, big_rows: int = 10_000_000, steps: int = 30, model_size: str = "tiny"):
@@ -24,7 +25,8 @@ def main(small_rows: int = 100_000, big_rows: int = 10_000_000, steps: int = 30,
             shutil.rmtree(out, ignore_errors=True)
             r = measure([sys.executable, script, "train", f"--model_size={model_size}", f"--train_file={path}",
                          f"--max_steps={steps}", f"--tokenizer_dir={tokenizer()}", f"--output_dir={out}",
-                         f"--train_state_dir={out}/state", "--log_with=none", "--max_eval_rows=64"])
+                         f"--train_state_dir={out}/state", "--log_with=none", "--max_eval_rows=64",
+                         f"--validation_file={SAMPLE_DIR}/my_valid_dataset_1k.parquet"])
             if r["returncode"]:
                 print(r["output"][-3000:])
                 raise SystemExit(f"{script} failed on {name}")

@@ -34,6 +34,8 @@ LABEL_PAD = -100  # ignored by the loss
 
 def open_parquet(path: str, columns=TEXT_COLUMNS) -> pq.ParquetFile:
     """Open a parquet file for streaming and check it has `columns`."""
+    if not os.path.isfile(path):
+        raise UserError(f"file {path} not found; check the path")
     try:
         # pre_buffer=False: pyarrow otherwise buffers ahead and holds what it read until the
         # iteration ends (1.2 GB instead of 0.24 GB on a 2M-row file).
@@ -232,6 +234,7 @@ class TrainStream(IterableDataset):
         shard = self.shard_of_worker(info.id if info is not None else 0)
         window, done = self.positions.get(shard, (0, 0))
         skipped = 0  # empty rows not yet reported; a resumed window's were reported before
+        held = None  # each batch waits for the next, so the shard's last one can carry trailing empties
         for k, prompts, responses, rows in self.windows(shard, window):
             keep = non_empty(prompts, responses)
             if not (k == window and done):
@@ -256,7 +259,12 @@ class TrainStream(IterableDataset):
                 batch["row_index"] = torch.from_numpy(rows[idx])
                 batch["position"] = (shard, k, j + 1)
                 batch["skipped"], skipped = skipped, 0
-                yield batch
+                if held is not None:
+                    yield held
+                held = batch
+        if held is not None:
+            held["skipped"] += skipped
+            yield held
 
     def windows(self, shard: int, first_window: int):
         """Yield (k, prompts, responses, global row indices) for windows k >= first_window.

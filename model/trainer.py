@@ -24,8 +24,8 @@ from transformers.optimization import Adafactor
 
 from config import T5ModelConfig, TrainConfig
 from model.chat_model import TextToTextModel, get_generation_config, get_t5_config
-from model.dataset import (EvalSet, TrainStream, count_rows, describe, get_eval_loader, get_train_loader,
-                           open_parquet)
+from model.dataset import (EvalSet, TrainStream, collate, count_rows, describe, get_eval_loader,
+                           get_train_loader, open_parquet)
 from utils.errors import UserError
 from utils.files import atomic_dir, expand_files
 from utils.logging import get_logger, memory_usage
@@ -203,8 +203,11 @@ class ChatTrainer:
         self.model = self.get_model()
         self.stream = self.get_stream()
         self.loader = get_train_loader(self.stream, cfg.num_workers, pin_memory=acc.device.type == "cuda")
+        self.idle_batch = collate([[self.tokenizer.eos_token_id]], [[self.tokenizer.eos_token_id]])
         self.eval_set = EvalSet(cfg.validation_file, self.tokenizer, cfg.max_seq_len, cfg.max_eval_rows) \
             if cfg.validation_file else None
+        if cfg.test_file:
+            open_parquet(cfg.test_file)  # read only at the end: a bad path must fail now, not in hours
         self.total_steps = self.estimate_total_steps()
         self.optimizer = get_optimizer(self.model, cfg)
         self.scheduler = torch.optim.lr_scheduler.LambdaLR(
@@ -425,13 +428,20 @@ class ChatTrainer:
         acc, cfg, model, progress = self.accelerator, self.cfg, self.model, self.progress
         stop_pending = False
         model.train()
-        for batch, stop_now in self.batches():
+        for batch, active, stop_now in self.batches():
             stop_pending = stop_pending or stop_now
-            self.record_batch(batch)
+            if batch is None:
+                # This process has run out of the epoch's data, others have not: it steps with
+                # them on a batch that weighs nothing, so their rows are all trained on.
+                batch, weight = self.idle_batch, 0.0
+            else:
+                self.record_batch(batch)
+                # DDP averages over all processes; this makes it the mean over those with data.
+                weight = acc.num_processes / active
             batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
             with acc.accumulate(model):
                 loss = model(**batch).loss
-                acc.backward(loss)  # Accelerate divides by gradient_accumulation_steps: once
+                acc.backward(loss * weight)  # Accelerate divides by gradient_accumulation_steps: once
                 if acc.sync_gradients and cfg.max_grad_norm:
                     self.grad_norm = acc.clip_grad_norm_(self.trainable_params(), cfg.max_grad_norm)
                 self.optimizer.step()
@@ -440,8 +450,9 @@ class ChatTrainer:
                     if not acc.optimizer_step_was_skipped:
                         self.scheduler.step()
                 self.optimizer.zero_grad(set_to_none=True)
-            self.loss_sum += loss.detach().float()
-            self.loss_count += 1
+            if weight:
+                self.loss_sum += loss.detach().float()
+                self.loss_count += 1
             if not acc.sync_gradients:
                 continue
             progress.step += 1
@@ -459,28 +470,27 @@ class ChatTrainer:
         return False
 
     def batches(self):
-        """Yield (batch, stop requested anywhere) until any process runs out of data.
+        """Yield (batch or None, processes with a batch, stop requested anywhere) until no
+        process has data left.
 
-        Processes stay in step: each micro-step they agree whether all still have a batch
-        and whether any received a stop signal.
+        Processes stay in step: each micro-step they count who still has a batch and whether
+        any received a stop signal (one small all-reduce on a CPU group).
         """
         it = iter(self.loader)
         while True:
             batch = next(it, None)
-            exhausted, stop = self.agree(batch is None, self.stop.signum is not None)
-            if exhausted:
-                if batch is not None:
-                    self.logger.warning(f"process {self.accelerator.process_index}: epoch ends with "
-                                        "batches left, because another process ran out first")
+            active, stop = self.agree(batch is not None, self.stop.signum is not None)
+            if not active:
                 return
-            yield batch, stop
+            yield batch, active, bool(stop)
 
-    def agree(self, *flags: bool) -> list[bool]:
+    def agree(self, *flags: bool) -> list[int]:
+        """Each flag summed over all processes."""
         if self.accelerator.num_processes == 1:
-            return list(flags)
+            return [int(f) for f in flags]
         t = torch.tensor([int(f) for f in flags], dtype=torch.int32)
-        torch.distributed.all_reduce(t, op=torch.distributed.ReduceOp.MAX, group=self.flag_group)
-        return [bool(x) for x in t.tolist()]
+        torch.distributed.all_reduce(t, group=self.flag_group)
+        return t.tolist()
 
     def record_batch(self, batch: dict):
         """Take the metadata off the batch and count what it holds."""

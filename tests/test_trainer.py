@@ -319,3 +319,82 @@ def test_a_run_without_validation_file_or_tensorboard_works(tmp_path, data_dir, 
     trainer = run_in_process(tmp_path, data_dir, tokenizer_dir, max_steps=2, validation_file="", log_with="tensorboard")
     assert os.path.isdir(os.path.join(trainer.cfg.output_dir, "final"))
     assert any("tfevents" in f for _, _, files in os.walk(trainer.cfg.output_dir) for f in files)
+
+
+# ---- two processes x two workers through accelerate launch ------------------------------
+
+def launch_two(flags):
+    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
+            "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+            "train.py", "train", *as_args(flags)]
+
+
+def traced_rows(out_dir):
+    return [read_rows_of_rank(out_dir, rank) for rank in range(2)]
+
+
+def read_rows_of_rank(out_dir, rank):
+    with open(os.path.join(out_dir, f"samples.rank{rank}.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line)["rows"] for line in f]
+
+
+@pytest.fixture(scope="module")
+def uneven_file(tmp_path_factory):
+    """203 rows in row groups of 37, every 17th empty: shards of unequal batch counts."""
+    from conftest import demo_rows
+    prompts, responses = demo_rows(203, seed=5)
+    for i in range(0, 203, 17):
+        prompts[i] = None if i % 2 else " "
+    path = tmp_path_factory.mktemp("uneven") / "rows.parquet"
+    write_rows(path, prompts, responses, row_group_size=37, row_id=list(range(203)))
+    return str(path), sorted(set(range(203)) - set(range(0, 203, 17)))
+
+
+def test_two_processes_two_workers_train_on_every_row_once(tmp_path, uneven_file, tokenizer_dir, data_dir):
+    path, non_empty_rows = uneven_file
+    flags = tiny_flags(tmp_path, data_dir, tokenizer_dir, train_file=path, num_workers=2, batch_size_per_gpu=4,
+                       dataloader_buffer_size=16, trace_samples=True, validation_file="")
+    proc = subprocess.run(launch_two(flags), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    ranks = traced_rows(flags["output_dir"])
+    seen = [i for rank in ranks for batch in rank for i in batch]
+    assert sorted(seen) == non_empty_rows  # every non-empty row exactly once, none dropped at the end
+    assert set(i for b in ranks[0] for i in b).isdisjoint(i for b in ranks[1] for i in b)
+    assert len(ranks[0]) != len(ranks[1])  # the shards really were uneven
+    assert "empty_rows_skipped 12" in proc.stdout
+
+
+def test_two_processes_resume_mid_epoch_continues_with_the_unseen_rows(tmp_path, uneven_file, tokenizer_dir,
+                                                                       data_dir):
+    import psutil
+    path, _ = uneven_file
+    common = dict(train_file=path, num_workers=2, batch_size_per_gpu=4, dataloader_buffer_size=16,
+                  trace_samples=True, validation_file="", epochs=2)
+    straight = tiny_flags(tmp_path / "a", data_dir, tokenizer_dir, **common)
+    assert subprocess.run(launch_two(straight), cwd=ROOT, capture_output=True, timeout=600).returncode == 0
+    flags = tiny_flags(tmp_path / "b", data_dir, tokenizer_dir, **common)
+    launcher = subprocess.Popen(launch_two(flags), cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines = []
+    for line in launcher.stdout:
+        lines.append(line)
+        if re.search(r"epoch 0 step 8/", line):
+            # SIGTERM to rank 0 alone: the processes agree to stop at the same step.
+            rank0 = next(p for p in psutil.Process(launcher.pid).children(recursive=True)
+                         if "train.py" in " ".join(p.cmdline()) and p.environ().get("RANK") == "0")
+            rank0.send_signal(signal.SIGTERM)
+            break
+    lines += launcher.stdout.readlines()
+    assert launcher.wait(timeout=300) == 0, "".join(lines[-40:])
+    out = "".join(lines)
+    stopped = int(re.search(r"stopped at step (\d+)", out).group(1))
+    assert 8 <= stopped < 25  # mid-epoch 0 (about 24 steps an epoch)
+    resumed = subprocess.run(launch_two({**flags, "is_keep_training": True}), cwd=ROOT, capture_output=True,
+                             text=True, timeout=600)
+    assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
+    assert f"step {stopped + 1}/" in resumed.stdout
+    # Interrupted + resumed = uninterrupted, batch for batch, on each process.
+    assert traced_rows(flags["output_dir"]) == traced_rows(straight["output_dir"])
+    a = load_file(os.path.join(straight["output_dir"], "final", "model.safetensors"))
+    b = load_file(os.path.join(flags["output_dir"], "final", "model.safetensors"))
+    assert all(torch.allclose(a[k], b[k], atol=1e-5) for k in a)
