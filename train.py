@@ -40,18 +40,14 @@ def evaluate(model_dir: str, test_file: str, max_rows: int = 10**9, batch_size: 
     """BLEU-4, loss and exact match (per `task` column, if any) of a trained model on a parquet file."""
     from accelerate import Accelerator
 
-    from model.dataset import EvalSet, get_eval_loader, open_parquet
     from model.infer import ChatBot
-    from model.trainer import evaluate as run_evaluation, print_report
+    from model.trainer import score_file
     from utils.logging import get_logger
     bot = ChatBot(model_dir)
     accelerator = Accelerator()
-    columns = ("prompt", "response", "task") if "task" in open_parquet(test_file).schema_arrow.names \
-        else ("prompt", "response")
-    dataset = EvalSet(test_file, bot.tokenizer, bot.max_new_tokens, max_rows, columns)
-    model, loader = accelerator.prepare(bot.model, get_eval_loader(dataset, batch_size))
-    result = run_evaluation(model, loader, accelerator, bot.tokenizer, bot.max_new_tokens)
-    print_report(result, dataset, samples, get_logger(main_process=accelerator.is_main_process))
+    model = accelerator.prepare(bot.model)
+    score_file(model, accelerator, bot.tokenizer, test_file, batch_size, bot.max_new_tokens,
+               get_logger(main_process=accelerator.is_main_process), max_rows, samples)
 
 
 def chat(model_dir: str = "./model_save/best", prompt: str | None = None, search_type: str = "greedy"):

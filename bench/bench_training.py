@@ -7,10 +7,14 @@ Both loops train the same model with the same optimizer, batch size and data; on
 differ. "original" mimics charent/ChatLM-mini-Chinese: rows in random order, each batch padded
 to its longest prompt and longest response. "chatlm" takes batches from model.dataset.TrainStream
 (windows of similar lengths). Printed: non-pad target tokens/s (the original project's figure),
-non-pad tokens/s (prompt and response), and the padded share of the computed tokens.
+non-pad tokens/s (prompt and response), and the padded share of the computed tokens; then
+the non-pad tokens/s that `train.py train` itself logs on the same model, data and batch size.
 """
 import os
+import re
+import subprocess
 import sys
+import tempfile
 import time
 
 import fire
@@ -18,7 +22,8 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
 from config import T5ModelConfig  # noqa: E402
 from model.chat_model import TextToTextModel, get_t5_config  # noqa: E402
 from model.dataset import TrainStream, collate, encode, non_empty  # noqa: E402
@@ -79,7 +84,8 @@ def measure(batches, model_size, vocab, steps, warmup, device, dtype, seed):
 
 def main(train_file: str = SAMPLE, model_size: str = "tiny", batch_size: int = 16, steps: int = 60,
          warmup: int = 5, max_seq_len: int = 256, buffer_size: int = 10000, vocab_size: int = 8000,
-         mixed_precision: str = "no", tokenizer_dir: str = "/tmp/chatlm_bench_tokenizer", seed: int = 0):
+         mixed_precision: str = "no", tokenizer_dir: str = "/tmp/chatlm_bench_tokenizer", seed: int = 0,
+         trainer_steps: int = 100):
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = {"no": None, "bf16": torch.bfloat16, "fp16": torch.float16}[mixed_precision]
     if not os.path.isfile(os.path.join(tokenizer_dir, "tokenizer.json")):
@@ -98,6 +104,24 @@ def main(train_file: str = SAMPLE, model_size: str = "tiny", batch_size: int = 1
         print(f"{name:28} {rates[0]:13,.0f} {rates[1]:14,.0f} {rates[2]:13,.0f} {pad:10.1%}")
     (base, _), (ours, _) = results.values()
     print(f"speed-up in non-pad target tokens/s: {ours[0] / base[0]:.2f}x; in non-pad tokens/s: {ours[1] / base[1]:.2f}x")
+    if trainer_steps:
+        print(f"the trainer itself (train.py train, same model, data and batch, {trainer_steps} steps): "
+              f"{trainer_tokens_per_s(train_file, model_size, batch_size, trainer_steps, tokenizer_dir, mixed_precision):,.0f} "
+              "non-pad tok/s (its log's median)")
+
+
+def trainer_tokens_per_s(train_file, model_size, batch_size, steps, tokenizer_dir, mixed_precision) -> float:
+    """Median of the non-pad tokens/s that `train.py train` logs, first log line left out."""
+    with tempfile.TemporaryDirectory() as out:
+        proc = subprocess.run(
+            [sys.executable, "train.py", "train", f"--train_file={train_file}", f"--model_size={model_size}",
+             f"--batch_size_per_gpu={batch_size}", "--gradient_accumulation_steps=1", f"--max_steps={steps}",
+             "--logging_steps=10", f"--tokenizer_dir={tokenizer_dir}", f"--output_dir={out}",
+             f"--train_state_dir={out}/state", "--validation_file=", "--log_with=none",
+             f"--mixed_precision={mixed_precision}"],
+            cwd=ROOT, capture_output=True, text=True, check=True)
+    rates = [float(m.replace(",", "")) for m in re.findall(r"tokens/s ([\d,]+)", proc.stdout)][1:]
+    return float(np.median(rates))
 
 
 if __name__ == "__main__":

@@ -24,10 +24,9 @@ from transformers.optimization import Adafactor
 
 from config import T5ModelConfig, TrainConfig
 from model.chat_model import TextToTextModel, get_generation_config, get_t5_config
-from model.dataset import (EvalSet, TrainStream, collate, count_rows, describe, get_eval_loader,
-                           get_train_loader, open_parquet)
+from model.dataset import EvalSet, TrainStream, collate, count_rows, describe, get_eval_loader, get_train_loader
 from utils.errors import UserError
-from utils.files import atomic_dir, expand_files
+from utils.files import atomic_dir, expand_files, open_parquet
 from utils.logging import get_logger, memory_usage
 from utils.metrics import bleu4, exact_match_by_group
 from utils.tokenizer import load_tokenizer, train_tokenizer
@@ -580,16 +579,22 @@ class ChatTrainer:
         self.model.train()
         self.timer += time.perf_counter() - started  # evaluation time is not training throughput
 
-    def report(self, path: str, samples: int = 5):
+    def report(self, path: str) -> dict:
         """Score the trained model on a held-out file: BLEU-4, exact match per task, sample answers."""
-        cfg = self.cfg
-        has_task = "task" in open_parquet(path).schema_arrow.names
-        columns = ("prompt", "response", "task") if has_task else ("prompt", "response")
-        test_set = EvalSet(path, self.tokenizer, cfg.max_seq_len, max_rows=10**9, columns=columns)
-        loader = self.accelerator.prepare(get_eval_loader(test_set, cfg.batch_size_per_gpu * 4))
-        result = evaluate(self.model, loader, self.accelerator, self.tokenizer, cfg.max_seq_len)
-        print_report(result, test_set, samples, self.logger)
-        return result
+        return score_file(self.model, self.accelerator, self.tokenizer, path, self.cfg.batch_size_per_gpu * 4,
+                          self.cfg.max_seq_len, self.logger)
+
+
+def score_file(model, accelerator: Accelerator, tokenizer, path: str, batch_size: int, max_seq_len: int, logger,
+               max_rows: int = 10**9, samples: int = 5) -> dict:
+    """evaluate() over a parquet file, then its report: with a `task` column, exact match per task."""
+    has_task = "task" in open_parquet(path).schema_arrow.names
+    dataset = EvalSet(path, tokenizer, max_seq_len, max_rows,
+                      columns=("prompt", "response", "task") if has_task else ("prompt", "response"))
+    loader = accelerator.prepare(get_eval_loader(dataset, batch_size))
+    result = evaluate(model, loader, accelerator, tokenizer, max_seq_len)
+    print_report(result, dataset, samples, logger)
+    return result
 
 
 @torch.no_grad()

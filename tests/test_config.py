@@ -46,7 +46,8 @@ def test_bad_combination_is_rejected_at_start():
 
 
 def test_config_is_frozen():
-    with pytest.raises(Exception):
+    import dataclasses
+    with pytest.raises(dataclasses.FrozenInstanceError):
         TrainConfig().epochs = 3
 
 

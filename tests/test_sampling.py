@@ -318,8 +318,8 @@ def test_bad_files_are_user_errors(input_1k, tmp_path):
     numbers = tmp_path / "numbers.parquet"
     pq.write_table(pa.table({"prompt": [1], "response": [2]}), numbers)
     out = str(tmp_path / "out.parquet")
-    cases = [(tmp_path / "missing.parquet", "does not exist"), (tmp_path, "is a directory"),
-             (text_file, "is not a parquet file"), (other_columns, r"no column prompt, response \(found: question, answer\)"),
+    cases = [(tmp_path / "missing.parquet", "not found"), (tmp_path, "is a directory"),
+             (text_file, "is not a readable parquet file"), (other_columns, r"no column prompt, response \(found: question, answer\)"),
              (numbers, "must be strings")]
     for path, message in cases:
         with pytest.raises(UserError, match=message):
@@ -362,7 +362,7 @@ def test_cli_bad_input_prints_one_line_and_exits_non_zero(tmp_path):
     missing = _run_cli("--input", tmp_path / "missing.parquet", "--output", tmp_path / "out.parquet",
                        "--num_samples", 10)
     assert missing.returncode == 2
-    assert missing.stderr.startswith("error: input ") and "does not exist" in missing.stderr
+    assert missing.stderr.startswith("error: file ") and "missing.parquet not found" in missing.stderr
     assert len(missing.stderr.strip().splitlines()) == 1 and "Traceback" not in missing.stderr
 
     path = _make_input(tmp_path / "in.parquet", rows=50)

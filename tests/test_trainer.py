@@ -4,7 +4,6 @@ import re
 import signal
 import subprocess
 import sys
-import time
 
 import pytest
 import torch
@@ -13,7 +12,6 @@ from safetensors.torch import load_file
 from config import TrainConfig, load_config
 from conftest import ROOT, as_args, run_cli, tiny_flags, write_rows
 from model.trainer import ChatTrainer, evaluate, get_lr_lambda, get_optimizer
-from utils.errors import UserError
 
 
 @pytest.fixture(autouse=True)
@@ -228,7 +226,7 @@ def test_resume_after_sigterm_twice_matches_an_uninterrupted_run(tmp_path, data_
     assert 15 <= first_stop < 60 and "Traceback" not in out
     out = train_until_sigterm({**flags, "is_keep_training": True}, first_stop + 15, tmp_path / "b2.log")
     second_stop = int(re.search(r"stopped at step (\d+)", out).group(1))
-    assert f"resumed from" in out and first_stop < second_stop < 60
+    assert "resumed from" in out and first_stop < second_stop < 60
     out = run_cli("train.py", "train", *as_args({**flags, "is_keep_training": True})).stdout
     assert f"step {second_stop + 1}/" in out  # continues at the next step
     a = load_file(os.path.join(straight["output_dir"], "final", "model.safetensors"))

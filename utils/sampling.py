@@ -29,8 +29,8 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from utils.errors import UserError
+from utils.files import TEXT_COLUMNS, open_parquet
 
-TEXT_COLUMNS = ("prompt", "response")
 # 10k rows (~6 MB of Chinese text) per output row group: small enough that a
 # streaming reader holds little, and a 300k-row validation file still has 30
 # groups to share out across ranks and dataloader workers.
@@ -172,7 +172,7 @@ def sample_parquet(sources: list[Source], output: str, *, valid_output: str | No
         raise UserError("give --valid_output and --valid_samples together, or neither")
     if valid_samples and (not _is_whole(valid_samples) or valid_samples <= 0):
         raise UserError(f"--valid_samples must be a whole number > 0, got {valid_samples!r}")
-    files = [_open_parquet(s.path) for s in sources]
+    files = [open_parquet(s.path) for s in sources]
     outputs = [p for p in (output, valid_output) if p is not None]
     _check_outputs(outputs, [s.path for s in sources])
     schema = _get_output_schema(files, [s.path for s in sources])
@@ -215,31 +215,6 @@ def get_sources(inputs: list[str], num_samples: list | None, ratio: list | None)
 def _is_whole(value) -> bool:
     return (isinstance(value, (int, np.integer)) and not isinstance(value, bool)) or (
         isinstance(value, float) and value.is_integer())
-
-
-def _open_parquet(path: str) -> pq.ParquetFile:
-    if not os.path.exists(path):
-        raise UserError(f"input {path} does not exist: check the path")
-    if os.path.isdir(path):
-        raise UserError(f"input {path} is a directory: give a .parquet file")
-    try:
-        # pre_buffer=False and a small buffer: read pages as needed, never a whole
-        # row group's column chunk at once (inputs may have 1M-row row groups).
-        parquet_file = pq.ParquetFile(path, pre_buffer=False, buffer_size=1 << 20)
-    except (pa.ArrowException, OSError) as err:
-        raise UserError(f"input {path} is not a parquet file ({err}): give a parquet file "
-                        "with string columns prompt and response") from err
-    schema = parquet_file.schema_arrow
-    missing = [c for c in TEXT_COLUMNS if c not in schema.names]
-    if missing:
-        raise UserError(f"input {path} has no column {', '.join(missing)} (found: {', '.join(schema.names)}): "
-                        "give a file with string columns prompt and response")
-    for column in TEXT_COLUMNS:
-        column_type = schema.field(column).type
-        if not (pa.types.is_string(column_type) or pa.types.is_large_string(column_type)):
-            raise UserError(f"column {column} of {path} has type {column_type}: "
-                            "prompt and response must be strings")
-    return parquet_file
 
 
 def _check_outputs(outputs: list[str], inputs: list[str]):

@@ -13,11 +13,10 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import PreTrainedTokenizerFast
 
 from utils.errors import UserError
-from utils.files import atomic_dir, expand_files
+from utils.files import TEXT_COLUMNS, atomic_dir, expand_files
 
 PAD, EOS, UNK = "[PAD]", "[EOS]", "[UNK]"
 SPECIAL_TOKENS = [PAD, EOS, UNK]
-TEXT_COLUMNS = ("prompt", "response")
 # Always in the vocabulary, however rare in the corpus: the space marker and printable ASCII.
 ASCII_ALPHABET = ["▁"] + [chr(c) for c in range(33, 127)]
 
