@@ -15,12 +15,12 @@ Figures, not pass/fail: the table marks each against the issue's target.
 """
 import math
 import os
-import subprocess
 import sys
-import time
 from collections import Counter
 
 import fire
+
+from common import measure
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 ALL_MODES = ("pandas_random", "random", "pandas_smart", "smart", "near_dup")
@@ -52,15 +52,6 @@ def run_pandas_baseline(kind: str, input: str, output: str, num_samples: int, se
         entropy = frame["prompt"].map(_prompt_entropy)
         frame = frame.loc[entropy.nlargest(num_samples).index]
     frame.to_parquet(output, index=False)
-
-
-def _measure(command: list[str]) -> tuple[float, float, int]:
-    """(wall seconds, peak RSS in GB, exit status) of one child process."""
-    start = time.perf_counter()
-    child = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL)
-    _, status, usage = os.wait4(child.pid, 0)
-    child.returncode = os.waitstatus_to_exitcode(status)
-    return time.perf_counter() - start, usage.ru_maxrss * 1024 / 1e9, child.returncode
 
 
 def _warm_page_cache(path: str):
@@ -111,7 +102,8 @@ def main(input: str, num_samples: int = 3_000_000, modes: str = ",".join(ALL_MOD
                 command = [sys.executable, "sample_training_data.py", "--input", input, "--output", output_path,
                            "--num_samples", str(num_samples), "--seed", str(seed), "--progress", "False",
                            *OUR_FLAGS[mode]]
-            wall, rss, code = _measure(command)
+            run = measure(command)
+            wall, rss, code = run["seconds"], run["peak_rss_gb"], run["returncode"]
             if os.path.exists(output_path):
                 os.remove(output_path)
             print(f"{mode} run {attempt + 1}: {wall:.1f} s, {rss:.2f} GB peak RSS"
