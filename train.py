@@ -65,7 +65,10 @@ def chat(model_dir: str = "./model_save/best", prompt: str | None = None, search
             break
         if not line:
             break
-        for piece in bot.stream(line, search_type="greedy" if search_type == "beam" else search_type):
+        if search_type == "beam":  # beam search knows its answer only at the end: no streaming
+            print(bot.answer(line, search_type="beam")[0])
+            continue
+        for piece in bot.stream(line, search_type=search_type):
             print(piece, end="", flush=True)
         print()
 

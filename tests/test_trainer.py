@@ -184,6 +184,21 @@ def test_saved_model_loads_with_auto_classes(tmp_path, data_dir, tokenizer_dir):
         assert torch.allclose(ours(**inputs, labels=labels).logits, theirs(**inputs, labels=labels).logits, atol=1e-6)
 
 
+def test_chatbot_answers_in_batches_and_streams(tmp_path, data_dir, tokenizer_dir):
+    from model.infer import ChatBot
+    trainer = run_in_process(tmp_path, data_dir, tokenizer_dir, max_steps=3)
+    bot = ChatBot(os.path.join(trainer.cfg.output_dir, "final"), device="cpu")
+    prompts = ["把12写成中文数字。", "三十是多少？", "把7写成中文数字。"]
+    greedy = bot.answer(prompts, batch_size=2, max_new_tokens=6)
+    assert len(greedy) == 3 and all(isinstance(a, str) for a in greedy)
+    assert greedy == [bot.answer(p, max_new_tokens=6)[0] for p in prompts]  # batching changes nothing
+    assert "".join(bot.stream(prompts[0], max_new_tokens=6)) == greedy[0]
+    for search in ("beam", "sampling"):
+        assert len(bot.answer(prompts, search_type=search, max_new_tokens=6)) == 3
+    with pytest.raises(ValueError, match="search_type"):
+        bot.answer(prompts, search_type="nucleus")
+
+
 def test_loss_falls(tmp_path, data_dir, tokenizer_dir):
     trainer = run_in_process(tmp_path, data_dir, tokenizer_dir, epochs=3, learn_rate=3e-3, warmup_steps=10)
     losses = [v for _, v in logged(trainer, "loss")]
