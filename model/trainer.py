@@ -352,9 +352,10 @@ class ChatTrainer:
                             "path, the earlier states are intact") from None
         acc.wait_for_everyone()
         if acc.is_main_process:
-            if os.path.isdir(final):
-                shutil.rmtree(final)
+            if os.path.isdir(final):  # the same step saved again: keep the old one until the swap
+                os.replace(final, final + ".old")
             os.replace(tmp, final)
+            shutil.rmtree(final + ".old", ignore_errors=True)
             for old in list_states(cfg.train_state_dir)[:-cfg.keep_latest_n_ckp]:
                 shutil.rmtree(old)
         acc.wait_for_everyone()
@@ -391,7 +392,7 @@ class ChatTrainer:
         finally:
             self.bar.close()
             self.stop.restore()
-        self.save_state()
+        self.save_state()  # also after a save at this step: epoch, best score and counts may have moved
         if finished:
             self.save_model(os.path.join(cfg.output_dir, "final"))
             self.logger.info(f"final model saved to {os.path.join(cfg.output_dir, 'final')}")
