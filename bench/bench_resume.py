@@ -11,10 +11,10 @@
 import glob
 import os
 import shutil
+import subprocess
 import sys
 
 import fire
-import torch
 
 from common import DATA_DIR, measure, synthetic, tokenizer
 
@@ -30,10 +30,12 @@ def main(rows: int = 10_000_000, buffer_size: int = 10000, at: float = 0.9):
     assert fresh["returncode"] == 0, fresh["output"][-3000:]
     state = sorted(glob.glob(f"{out}/state/step_*"))[-1]
     progress_file = os.path.join(state, "custom_checkpoint_1.pkl")  # registered second: TrainingProgress
-    progress = torch.load(progress_file, weights_only=False)
     window = int(rows * at) // buffer_size
-    progress["positions"] = [{0: (window, 3)}]
-    torch.save(progress, progress_file)
+    # In a child, so that this process stays small (see common.measure).
+    subprocess.run([sys.executable, "-c", f"""import torch
+progress = torch.load({progress_file!r}, weights_only=False)
+progress["positions"] = [{{0: ({window}, 3)}}]
+torch.save(progress, {progress_file!r})"""], check=True)
     resumed = measure([sys.executable, "train.py", "train", *flags, "--is_keep_training=True", "--max_steps=2"],
                       until="step 2/")
     assert resumed["returncode"] == 0, resumed["output"][-3000:]

@@ -162,3 +162,36 @@ def test_eval_set_caps_rows_and_keeps_extra_columns(tmp_path, tok):
                       task=["a", "b", "c", "d"])
     ev = EvalSet(path, tok, 32, max_rows=2, columns=("prompt", "response", "task"))
     assert len(ev) == 2 and ev.skipped == 1 and ev.extra["task"] == ["a", "c"]
+
+
+def test_stream_memory_does_not_grow_with_the_file(tmp_path, tokenizer_dir):
+    """Reading the first 5000 rows of a 200k-row file costs what it costs on a 20k-row file.
+
+    The rows are long (about 900 bytes), so a loader that read the whole 200k-row file
+    (180 MB of text) would stand far above the tolerance.
+    """
+    import subprocess
+    import sys
+
+    from conftest import ROOT
+    peaks = {}
+    for rows in (20_000, 200_000):
+        path = write_rows(tmp_path / f"{rows}.parquet", [f"{i}" + "问" * 50 for i in range(rows)],
+                          ["答" * 250] * rows, row_group_size=5000)
+        child = f"""
+import sys
+sys.path.insert(0, {ROOT!r})
+from model.dataset import TrainStream
+from utils.logging import peak_rss_gb
+from utils.tokenizer import load_tokenizer
+stream = TrainStream([{path!r}], load_tokenizer({tokenizer_dir!r}), 16, 64, 1000, seed=0)
+seen = 0
+for batch in stream:
+    seen += len(batch["row_index"])
+    if seen >= 5000:
+        break
+print(peak_rss_gb() * 1024 * 1024)
+"""
+        out = subprocess.run([sys.executable, "-c", child], capture_output=True, text=True, check=True)
+        peaks[rows] = float(out.stdout.split()[-1]) / 1024  # MB
+    assert peaks[200_000] < peaks[20_000] * 1.1 + 20, peaks

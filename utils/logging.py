@@ -42,11 +42,25 @@ def get_logger(output_dir: str | None = None, main_process: bool = True) -> logg
     return logger
 
 
+def peak_rss_gb() -> float:
+    """Peak resident memory of this process, in GB.
+
+    Linux keeps ru_maxrss across exec, so a process started from a large parent would report
+    the parent's peak; VmHWM belongs to this process's own address space.
+    """
+    try:
+        with open("/proc/self/status", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("VmHWM:"):
+                    return int(line.split()[1]) / 2**20  # kB
+    except OSError:
+        pass
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20  # KiB on Linux
+
+
 def memory_usage() -> dict:
     """RSS of this process now and at its peak, and GPU memory where there is one, in GB."""
-    stats = {"rss_gb": psutil.Process().memory_info().rss / 2**30,
-             # ru_maxrss is in KiB on Linux.
-             "peak_rss_gb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 2**20}
+    stats = {"rss_gb": psutil.Process().memory_info().rss / 2**30, "peak_rss_gb": peak_rss_gb()}
     if torch.cuda.is_available():
         stats["gpu_gb"] = torch.cuda.memory_allocated() / 2**30
         stats["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
