@@ -47,6 +47,15 @@ def test_text_files_are_a_corpus_too(tmp_path):
     assert tok.decode(tok("今天下雨").input_ids, skip_special_tokens=True) == "今天下雨"
 
 
+def test_bad_corpus_file_is_one_line_and_exit_2(tmp_path):
+    from conftest import run_cli
+    bad = tmp_path / "notes.parquet"
+    bad.write_text("x")
+    proc = run_cli("train.py", "train_tokenizer", f"--files={bad}", f"--output_dir={tmp_path / 'tok'}", check=False)
+    assert proc.returncode == 2 and "not a readable parquet file" in proc.stderr
+    assert proc.stderr.strip().count("\n") == 0 and "Traceback" not in proc.stderr
+
+
 def test_missing_tokenizer_is_a_user_error(tmp_path):
     with pytest.raises(UserError, match="no tokenizer"):
         load_tokenizer(str(tmp_path))

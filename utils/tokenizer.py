@@ -8,12 +8,11 @@ import os
 
 import numpy as np
 
-import pyarrow.parquet as pq
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import PreTrainedTokenizerFast
 
 from utils.errors import UserError
-from utils.files import TEXT_COLUMNS, atomic_dir, expand_files
+from utils.files import TEXT_COLUMNS, atomic_dir, expand_files, open_parquet
 
 PAD, EOS, UNK = "[PAD]", "[EOS]", "[UNK]"
 SPECIAL_TOKENS = [PAD, EOS, UNK]
@@ -27,13 +26,12 @@ def iter_corpus(files: list[str], max_rows: int, seed: int = 0):
     Parquet is read one row group at a time and each row kept with a fixed probability, so
     a 10 GB corpus costs a row group of memory, not the file.
     """
-    parquet = [f for f in files if f.endswith(".parquet")]
+    parquet = {f: open_parquet(f, columns=()) for f in files if f.endswith(".parquet")}
     text = [f for f in files if not f.endswith(".parquet")]
-    total = sum(pq.ParquetFile(f).metadata.num_rows for f in parquet) + sum(_count_lines(f) for f in text)
+    total = sum(pf.metadata.num_rows for pf in parquet.values()) + sum(_count_lines(f) for f in text)
     keep = min(1.0, max_rows / max(total, 1))
     rng = np.random.default_rng(seed)
-    for path in parquet:
-        pf = pq.ParquetFile(path, pre_buffer=False)
+    for path, pf in parquet.items():
         columns = [c for c in TEXT_COLUMNS if c in pf.schema_arrow.names]
         if not columns:
             raise UserError(f"{path} has no prompt/response column (found {pf.schema_arrow.names})")
