@@ -3,13 +3,15 @@
 Precedence: dataclass defaults < `--config=FILE.yaml` < `--field=value` flags.
 """
 import dataclasses
+import difflib
+import math
 import os
-import types
 import typing
 from dataclasses import dataclass, fields
 
 import yaml
 
+from utils.cli import coerce
 from utils.errors import UserError
 
 
@@ -59,7 +61,8 @@ class TrainConfig:
     model_size: str = "small"  # a preset of T5ModelConfig: tiny or small
     is_finetune: bool = False  # load finetune_from_ckp_file, freeze embedding and encoder
     finetune_from_ckp_file: str = ""  # a saved model directory or a .safetensors file
-    is_keep_training: bool = False  # resume from the latest state in train_state_dir
+    is_keep_training: bool = False  # resume from the latest intact state in train_state_dir
+    trust_pickled_state: bool = False  # resume from a state in the old pickle format (it can run code: only your own)
     overwrite: bool = False  # a fresh run may replace the states already in train_state_dir
 
     # Optimisation. Steps are optimizer steps (after accumulation).
@@ -73,6 +76,7 @@ class TrainConfig:
     optimizer: str = "adamw"  # adamw or adafactor (factored second moments, less memory)
     weight_decay: float = 0.01  # AdamW only; never on norms
     max_grad_norm: float = 1.0  # 0: no clipping
+    max_bad_steps: int = 3  # consecutive steps with a non-finite loss or grad norm (skipped) before the run stops
     mixed_precision: str = "auto"  # auto (bf16 where the GPU has it, else no), no, bf16, fp16
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, slower
     seed: int = 23333  # model init, dropout and data order
@@ -108,7 +112,7 @@ CHOICES = {
 }
 POSITIVE = ("epochs", "batch_size_per_gpu", "gradient_accumulation_steps", "learn_rate", "div_factor",
             "vocab_size", "max_seq_len", "dataloader_buffer_size", "logging_steps", "save_steps",
-            "keep_latest_n_ckp", "max_eval_rows")
+            "keep_latest_n_ckp", "max_eval_rows", "max_bad_steps")
 NON_NEGATIVE = ("max_steps", "warmup_steps", "weight_decay", "max_grad_norm", "num_workers", "eval_steps",
                 "empty_cache_steps")
 
@@ -124,6 +128,10 @@ def validate(cfg: TrainConfig) -> None:
     for name in NON_NEGATIVE:
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
+    for f in fields(cfg):
+        value = getattr(cfg, f.name)
+        if isinstance(value, float) and not math.isfinite(value):
+            raise UserError(f"--{f.name} must be a finite number, got {value}")
     if cfg.vocab_size < 16:
         raise UserError(f"--vocab_size must be at least 16, got {cfg.vocab_size}")
     if cfg.is_finetune and not cfg.finetune_from_ckp_file:
@@ -132,51 +140,16 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError("--train_file is empty; give a parquet file, a list of files or a glob")
 
 
-def _type_name(tp) -> str:
-    return getattr(tp, "__name__", str(tp).replace("typing.", ""))
-
-
-def _coerce(name: str, value, tp):
-    """Return `value` as type `tp`, or raise a UserError naming the field and the expected type."""
-    if typing.get_origin(tp) in (typing.Union, types.UnionType):  # str | list[str]
-        for option in typing.get_args(tp):
-            try:
-                return _coerce(name, value, option)
-            except UserError:
-                pass
-        raise UserError(f"--{name} must be {_type_name(tp)}, got {value!r}")
-    if typing.get_origin(tp) is list:
-        (item,) = typing.get_args(tp)
-        if isinstance(value, (list, tuple)):
-            return [_coerce(name, v, item) for v in value]
-        raise UserError(f"--{name} must be a list, got {value!r}")
-    if tp is bool:
-        if isinstance(value, bool):
-            return value
-        if isinstance(value, str) and value.lower() in ("true", "false"):
-            return value.lower() == "true"
-    elif tp is int:
-        if isinstance(value, int) and not isinstance(value, bool):
-            return value
-    elif tp is float:
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return float(value)
-    elif tp is str:
-        if isinstance(value, str):
-            return value
-        if isinstance(value, (int, float)) and not isinstance(value, bool):
-            return str(value)  # fire parses --output_dir=2024 as a number
-    raise UserError(f"--{name} must be {_type_name(tp)}, got {value!r} ({type(value).__name__})")
-
-
 def merge(cfg: TrainConfig, overrides: dict, source: str) -> TrainConfig:
     """Apply `overrides` onto `cfg`; unknown keys and wrong types fail, naming the valid keys."""
     hints = typing.get_type_hints(TrainConfig)
     valid = [f.name for f in fields(TrainConfig)]
     unknown = [k for k in overrides if k not in hints]
     if unknown:
-        raise UserError(f"unknown setting {unknown[0]!r} in {source}; valid keys: {', '.join(valid)}")
-    values = {k: _coerce(k, v, hints[k]) for k, v in overrides.items()}
+        close = difflib.get_close_matches(unknown[0], valid, n=1, cutoff=0.5)
+        hint = f"did you mean {close[0]!r}? " if close else ""
+        raise UserError(f"unknown setting {unknown[0]!r} in {source}; {hint}valid keys: {', '.join(valid)}")
+    values = {k: coerce(k, v, hints[k]) for k, v in overrides.items()}
     return dataclasses.replace(cfg, **values)
 
 

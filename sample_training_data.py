@@ -13,9 +13,8 @@ Mix several inputs (commas separate them; one count or ratio each, or one for al
     python sample_training_data.py --input data/a.parquet,data/b.parquet \\
         --output data/mix.parquet --ratio 0.3,0.5
 """
-import fire
-
-from utils.errors import UserError, exit_on_user_error
+from utils.cli import run_cli
+from utils.errors import UserError
 from utils.sampling import DEFAULT_ROW_GROUP_SIZE, SmartOptions, get_sources, sample_parquet
 
 
@@ -36,8 +35,8 @@ def _as_list(value, flag: str) -> list | None:
     return [value]
 
 
-def main(input: str, output: str, num_samples=None, ratio=None, smart: bool = False,  # noqa: A002 (flag name fixed)
-         seed: int = 42, valid_output: str | None = None, valid_samples: int | None = None,
+def main(input: str | list[str], output: str, num_samples=None, ratio=None,  # noqa: A002 (flag name fixed)
+         smart: bool = False, seed: int = 42, valid_output: str | None = None, valid_samples: int | None = None,
          row_group_size: int = DEFAULT_ROW_GROUP_SIZE,
          min_prompt_chars: int = SmartOptions.min_prompt_chars,
          max_prompt_chars: int = SmartOptions.max_prompt_chars,
@@ -79,4 +78,4 @@ def main(input: str, output: str, num_samples=None, ratio=None, smart: bool = Fa
 
 
 if __name__ == "__main__":
-    exit_on_user_error(fire.Fire, main)
+    run_cli(main, "sample_training_data.py")

@@ -8,17 +8,23 @@
     python train.py train_tokenizer --files=data/my_train.parquet --output_dir=model_save/tokenizer
     python train.py evaluate --model_dir=model_save/best --test_file=data/demo_test.parquet
     python train.py chat --model_dir=model_save/best [--prompt=...]
+    python train.py COMMAND --help                               # the command's flags
 
 Every TrainConfig field (config.py) is a flag of `train`; --config=FILE.yaml comes first, flags win.
+Every command checks its flags before it does anything.
 """
-import fire
-
 from config import TrainConfig, load_config
-from utils.errors import exit_on_user_error
+from utils.cli import dataclass_flags, run_cli, takes_flags
+from utils.errors import UserError
 
 
+@takes_flags(dataclass_flags(TrainConfig))
 def train(config: str | None = None, **flags):
-    """Pre-train (default), finetune (--is_finetune=True) or resume (--is_keep_training=True)."""
+    """Pre-train (default), finetune (--is_finetune=True) or resume (--is_keep_training=True).
+
+    Args:
+        config: a YAML file of settings, applied before the flags.
+    """
     from model.trainer import ChatTrainer
     cfg = load_config(config, **flags)
     ChatTrainer(cfg).train()
@@ -29,20 +35,51 @@ def train_tokenizer(files: str | list[str], output_dir: str = TrainConfig.tokeni
                     max_seq_len: int = TrainConfig.max_seq_len):
     """Train a BPE tokenizer on the prompt/response columns of parquet files (or lines of text files).
 
-    At most about `max_rows` texts are sampled, so a corpus of any size fits in memory.
+    Args:
+        files: parquet or text files: a path, a glob or a list.
+        output_dir: where the tokenizer is saved (replaced whole, only once training succeeded).
+        vocab_size: tokens in the vocabulary, special tokens included.
+        max_rows: about this many rows are sampled, so a corpus of any size fits in memory.
+        max_seq_len: the tokenizer's model_max_length.
     """
+    from utils.files import TEXT_COLUMNS, expand_files, has_usable_row, open_parquet, probe_writable
     from utils.tokenizer import train_tokenizer as train_bpe
-    tokenizer = train_bpe(files, output_dir, vocab_size, max_rows, model_max_length=max_seq_len)
+    if vocab_size < 16 or max_rows <= 0 or max_seq_len <= 0:
+        raise UserError("--vocab_size must be >= 16, --max_rows and --max_seq_len > 0")
+    paths = expand_files(files)
+    for path in paths:
+        if not path.endswith(".parquet"):
+            continue
+        pf = open_parquet(path, columns=())
+        present = [c for c in TEXT_COLUMNS if c in pf.schema_arrow.names]
+        if not present:
+            raise UserError(f"{path} has no prompt or response column (found: {', '.join(pf.schema_arrow.names)})")
+        if not any(has_usable_row(pf, (c,)) for c in present):
+            raise UserError(f"{path} has no text to train a tokenizer on (every {' and '.join(present)} is empty)")
+    probe_writable(output_dir, "output_dir")
+    tokenizer = train_bpe(paths, output_dir, vocab_size, max_rows, model_max_length=max_seq_len)
     print(f"tokenizer with {len(tokenizer)} tokens saved to {output_dir}")
 
 
 def evaluate(model_dir: str, test_file: str, max_rows: int = 10**9, batch_size: int = 64, samples: int = 5):
-    """BLEU-4, loss and exact match (per `task` column, if any) of a trained model on a parquet file."""
+    """BLEU-4, loss and exact match (per `task` column, if any) of a trained model on a parquet file.
+
+    Args:
+        model_dir: a model directory written by `train` (best/ or final/).
+        test_file: parquet with string columns prompt and response (and optionally task).
+        max_rows: score at most this many rows.
+        batch_size: rows per generation batch.
+        samples: sample answers printed at the end.
+    """
+    if max_rows <= 0 or batch_size <= 0 or samples < 0:
+        raise UserError("--max_rows and --batch_size must be > 0, --samples >= 0")
     from accelerate import Accelerator
 
     from model.infer import ChatBot
     from model.trainer import score_file
+    from utils.files import check_data_file
     from utils.logging import get_logger
+    check_data_file(test_file, what="test_file")
     bot = ChatBot(model_dir)
     accelerator = Accelerator()
     model = accelerator.prepare(bot.model)
@@ -51,8 +88,17 @@ def evaluate(model_dir: str, test_file: str, max_rows: int = 10**9, batch_size: 
 
 
 def chat(model_dir: str = "./model_save/best", prompt: str | None = None, search_type: str = "greedy"):
-    """Chat in the terminal (streamed answers); with --prompt, answer once and exit."""
+    """Chat in the terminal (streamed answers); with --prompt, answer once and exit.
+
+    Args:
+        model_dir: a model directory written by `train` (best/ or final/).
+        prompt: answer this one prompt and exit.
+        search_type: greedy, beam or sampling.
+    """
+    from model.chat_model import SEARCH_TYPES
     from model.infer import ChatBot
+    if search_type not in SEARCH_TYPES:
+        raise UserError(f"--search_type={search_type!r} is not one of {list(SEARCH_TYPES)}")
     bot = ChatBot(model_dir)
     if prompt is not None:
         print(bot.answer(str(prompt), search_type=search_type)[0])
@@ -73,6 +119,7 @@ def chat(model_dir: str = "./model_save/best", prompt: str | None = None, search
         print()
 
 
+COMMANDS = {"train": train, "train_tokenizer": train_tokenizer, "evaluate": evaluate, "chat": chat}
+
 if __name__ == "__main__":
-    exit_on_user_error(fire.Fire, {"train": train, "train_tokenizer": train_tokenizer,
-                                   "evaluate": evaluate, "chat": chat})
+    run_cli(COMMANDS, "train.py")

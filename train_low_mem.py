@@ -8,17 +8,20 @@ rows and raises gradient accumulation so the effective batch stays the same, tur
 checkpointing and Adafactor (factored second moments), releases cached GPU memory every 100
 steps and logs RSS and GPU memory. Flags given here still win over the profile.
 """
-import fire
-
 import train as cli
-from config import load_config, low_memory, merge
-from utils.errors import exit_on_user_error
+from config import TrainConfig, load_config, low_memory, merge
+from utils.cli import dataclass_flags, run_cli, takes_flags
 
 BATCH_KEYS = ("batch_size_per_gpu", "gradient_accumulation_steps")
 
 
+@takes_flags(dataclass_flags(TrainConfig))
 def train(config: str | None = None, **flags):
-    """`train.py train` with the low-memory profile applied over the config file."""
+    """`train.py train` with the low-memory profile applied over the config file.
+
+    Args:
+        config: a YAML file of settings, applied before the profile and the flags.
+    """
     from model.trainer import ChatTrainer
     cfg = low_memory(load_config(config, **flags))
     # The profile rewrites the batch split itself; any other flag the user gave wins over it.
@@ -27,5 +30,4 @@ def train(config: str | None = None, **flags):
 
 
 if __name__ == "__main__":
-    exit_on_user_error(fire.Fire, {"train": train, "train_tokenizer": cli.train_tokenizer,
-                                   "evaluate": cli.evaluate, "chat": cli.chat})
+    run_cli({**cli.COMMANDS, "train": train}, "train_low_mem.py")

@@ -202,6 +202,40 @@ class TrainStream(IterableDataset):
         so the round-robin order of an interrupted epoch continues unchanged.
         """
         self.epoch, self.positions, self.first_worker = epoch, dict(positions or {}), first_worker
+        # What the training process has taken so far; the workers hold copies of the above.
+        self.consumed, self.next_worker = dict(self.positions), first_worker
+
+    def advance(self, batch: dict) -> tuple[torch.Tensor, int]:
+        """Take the metadata off a batch the trainer is about to use and move the position past it.
+
+        Returns the batch's global row indices and the empty rows skipped before it.
+        """
+        rows, (shard, window, done), skipped = batch.pop("row_index"), batch.pop("position"), batch.pop("skipped")
+        self.consumed[shard] = (window, done)
+        self.next_worker = (shard - self.rank * self.workers + 1) % self.workers
+        return rows, skipped
+
+    def state_dict(self) -> dict:
+        """This process's position: the epoch, (window, batches done) per shard, the next worker. JSON."""
+        return {"epoch": self.epoch, "positions": {str(s): list(p) for s, p in sorted(self.consumed.items())},
+                "next_worker": self.next_worker}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.set_epoch(int(state["epoch"]), {int(s): tuple(p) for s, p in state["positions"].items()},
+                       int(state["next_worker"]))
+
+    def batches_per_epoch(self, rank: int | None = None) -> int:
+        """Batches process `rank` (default: this one) reads in an epoch, from metadata alone.
+
+        Exact when no row is empty; empty rows can only make it smaller.
+        """
+        rank = self.rank if rank is None else rank
+        size, total = self.buffer_size, 0
+        for shard in range(rank * self.workers, (rank + 1) * self.workers):
+            rows = sum(p.num_rows * (shard + 1) // self.num_shards - p.num_rows * shard // self.num_shards
+                       for p in self.pieces)
+            total += rows // size * math.ceil(size / self.batch_size) + math.ceil(rows % size / self.batch_size)
+        return total
 
     def shard_of_worker(self, worker: int) -> int:
         return self.rank * self.workers + (worker + self.first_worker) % self.workers

@@ -4,22 +4,39 @@ import threading
 from collections.abc import Iterator
 
 import torch
-from transformers import AutoTokenizer, TextIteratorStreamer
+from safetensors import SafetensorError
+from transformers import TextIteratorStreamer
 
-from model.chat_model import TextToTextModel
+from model.chat_model import SEARCH_TYPES, TextToTextModel
 from utils.errors import UserError
+from utils.files import describe_error
+from utils.tokenizer import load_tokenizer
+
+
+def check_model_dir(model_dir: str) -> None:
+    """A directory written by `train`: config, safetensors weights and a tokenizer."""
+    if not os.path.isdir(model_dir):
+        raise UserError(f"no trained model in {model_dir}; train one first or pass --model_dir=DIR "
+                        "(e.g. model_save/best)")
+    for name, what in (("config.json", "config.json"), ("model.safetensors", "weights (model.safetensors)"),
+                       ("tokenizer.json", "tokenizer (tokenizer.json)")):
+        if not os.path.isfile(os.path.join(model_dir, name)):
+            raise UserError(f"{model_dir} has no {what}; pass --model_dir= a directory written by `train` "
+                            "(best/ or final/)")
 
 
 class ChatBot:
     """Answers prompts with a directory written by `train` (or any T5 saved with its tokenizer)."""
 
     def __init__(self, model_dir: str, device: str | None = None):
-        if not os.path.isfile(os.path.join(model_dir, "config.json")):
-            raise UserError(f"no trained model in {model_dir}; train one first or pass --model_dir=DIR "
-                            "(e.g. model_save/best)")
+        check_model_dir(model_dir)
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
-        self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
-        self.model = TextToTextModel.from_pretrained(model_dir).to(self.device).eval()
+        self.tokenizer = load_tokenizer(model_dir)
+        try:
+            self.model = TextToTextModel.from_pretrained(model_dir).to(self.device).eval()
+        except (OSError, ValueError, SafetensorError, RuntimeError) as err:
+            raise UserError(f"cannot load the model in {model_dir} ({describe_error(err)}); "
+                            "pass --model_dir= an intact directory written by `train`") from None
         self.max_new_tokens = self.model.generation_config.max_new_tokens or 256
 
     def encode(self, prompts: list[str]) -> dict:
@@ -30,6 +47,7 @@ class ChatBot:
     def answer(self, prompts: str | list[str], search_type: str = "greedy", batch_size: int = 32,
                max_new_tokens: int | None = None) -> list[str]:
         """Answers to `prompts`, in order."""
+        check_search_type(search_type)
         prompts = [prompts] if isinstance(prompts, str) else list(prompts)
         answers = []
         for i in range(0, len(prompts), batch_size):
@@ -41,6 +59,7 @@ class ChatBot:
 
     def stream(self, prompt: str, search_type: str = "greedy", max_new_tokens: int | None = None) -> Iterator[str]:
         """Yield the answer to `prompt` piece by piece as it is generated."""
+        check_search_type(search_type)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=False, skip_special_tokens=True)
         inputs = self.encode([prompt])
         worker = threading.Thread(target=self.model.my_generate, kwargs=dict(
@@ -49,3 +68,8 @@ class ChatBot:
         worker.start()
         yield from streamer
         worker.join()
+
+
+def check_search_type(search_type: str) -> None:
+    if search_type not in SEARCH_TYPES:
+        raise UserError(f"search_type must be one of {sorted(SEARCH_TYPES)}, got {search_type!r}")

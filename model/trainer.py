@@ -1,64 +1,68 @@
 """ChatTrainer: pre-training, finetuning and exact resume on HuggingFace Accelerate.
 
-Order of a run: accelerator -> tokenizer -> data -> model -> optimizer -> resume -> loop.
+Order of a run: accelerator -> pre-flight checks -> tokenizer -> data -> model -> optimizer
+-> resume -> loop -> finish (last evaluation, train state, final/, test report).
 The loop is forward, backward, step, then maybe_log / maybe_evaluate / maybe_save.
 """
 import dataclasses
-import glob
+import hashlib
 import json
 import math
 import os
-import re
 import shutil
 import signal
 import time
+import typing
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 from accelerate import Accelerator
-from accelerate.utils import GradientAccumulationPlugin, gather_object, set_seed
+from accelerate.utils import GradientAccumulationPlugin, broadcast_object_list, gather_object, set_seed
+from safetensors import SafetensorError
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
+from transformers import T5Config
 from transformers.optimization import Adafactor
 
+import model.checkpoint as ckpt
 from config import T5ModelConfig, TrainConfig
 from model.chat_model import TextToTextModel, get_generation_config, get_t5_config
-from model.dataset import EvalSet, TrainStream, collate, count_rows, describe, get_eval_loader, get_train_loader
-from utils.errors import UserError
-from utils.files import atomic_dir, expand_files, open_parquet
-from utils.logging import get_logger, memory_usage
+from model.dataset import EvalSet, TrainStream, collate, describe, get_eval_loader, get_train_loader
+from utils.cli import coerce
+from utils.errors import QuietUserError, UserError
+from utils.files import (atomic_dir, check_data_file, describe_error, expand_files, free_bytes, open_parquet,
+                         probe_writable)
+from utils.logging import MetricsLog, get_logger, memory_usage
 from utils.metrics import bleu4, exact_match_by_group
 from utils.tokenizer import load_tokenizer, train_tokenizer
 
-STATE_PREFIX = "step_"
-META_FILE = "chatlm_state.json"
 # Settings that decide which rows form which batch: a resume must keep them.
 DATA_ORDER_KEYS = ("batch_size_per_gpu", "dataloader_buffer_size", "seed", "max_seq_len", "group_by_length",
                    "num_shards")
+MODEL_SHAPE_KEYS = ("d_model", "d_ff", "num_heads", "d_kv", "num_layers", "num_decoder_layers", "vocab_size")
 
 
 @dataclasses.dataclass
 class TrainingProgress:
-    """Where training stands; saved with every train state and restored on resume."""
+    """Where training stands; saved with every train state (as JSON) and restored on resume."""
     epoch: int = 0
     step: int = 0  # optimizer steps
     micro_step: int = 0  # batches consumed
     samples: int = 0
     tokens: int = 0  # non-pad tokens, prompts and responses, all processes
     rows_skipped: int = 0  # empty prompt/response rows dropped by the data stream
-    best_bleu: float = -1.0
-    # Per process: {shard: (window, batches done)} of the current epoch, and the worker whose
-    # batch comes next. Filled from every process just before a save.
-    positions: list = dataclasses.field(default_factory=list)
-    next_workers: list = dataclasses.field(default_factory=list)
+    best_score: float | None = None  # validation BLEU-4 of best/
+    best_step: int = -1
+    last_eval_step: int = -1
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)
 
     def load_state_dict(self, state: dict) -> None:
-        for key, value in state.items():
-            setattr(self, key, value)
+        for key, tp in typing.get_type_hints(TrainingProgress).items():
+            if key in state:
+                setattr(self, key, coerce(key, state[key], tp))
 
 
 def get_lr_lambda(total_steps: int, warmup_steps: int, div_factor: float):
@@ -93,18 +97,24 @@ def get_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optim
                               {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learn_rate)
 
 
+def optimizer_state_bytes(model: torch.nn.Module, optimizer: str) -> int:
+    """Bytes of optimizer state for the trainable parameters (fp32): AdamW keeps two copies,
+    Adafactor a row and a column vector per matrix."""
+    total = 0
+    for p in model.parameters():
+        if p.requires_grad:
+            total += 8 * p.numel() if optimizer == "adamw" else 4 * (sum(p.shape[-2:]) if p.ndim >= 2 else p.numel())
+    return total
+
+
 def resolve_mixed_precision(value: str) -> str:
     if value != "auto":
         return value
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
-def list_states(train_state_dir: str) -> list[str]:
-    """Complete train states, oldest first (a save in progress ends in .tmp and is not listed)."""
-    states = [d for d in glob.glob(os.path.join(train_state_dir, STATE_PREFIX + "*"))
-              if re.fullmatch(STATE_PREFIX + r"\d+", os.path.basename(d))
-              and os.path.isfile(os.path.join(d, META_FILE))]
-    return sorted(states, key=lambda d: int(os.path.basename(d)[len(STATE_PREFIX):]))
+def vocab_hash(tokenizer) -> str:
+    return hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()[:16]
 
 
 def freeze_for_finetune(model: TextToTextModel) -> None:
@@ -113,43 +123,73 @@ def freeze_for_finetune(model: TextToTextModel) -> None:
     model.encoder.requires_grad_(False)
 
 
-def load_model_for_finetune(path: str, cfg: TrainConfig, tokenizer) -> TextToTextModel:
-    """A saved model directory, or a .safetensors state dict for the model_size preset."""
-    vocab_size = len(tokenizer)
+def check_finetune_source(path: str, tokenizer, tokenizer_dir: str) -> str | None:
+    """The checkpoint exists, holds weights, and was trained with this tokenizer's vocabulary.
+
+    Returns a warning when there is no tokenizer beside a .safetensors file to compare with."""
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise UserError(f"{path} holds no saved model (config.json missing); "
                             "point --finetune_from_ckp_file at a directory written by `train`")
-        if os.path.isfile(os.path.join(path, "tokenizer.json")) and \
-                load_tokenizer(path).get_vocab() != tokenizer.get_vocab():
-            raise UserError(f"{path} was trained with another tokenizer than {cfg.tokenizer_dir}; "
-                            f"pass --tokenizer_dir={path}")
-        model = TextToTextModel.from_pretrained(path)
+        if not os.path.isfile(os.path.join(path, "model.safetensors")):
+            raise UserError(f"{path} has no model.safetensors; point --finetune_from_ckp_file at a directory "
+                            "written by `train` (best/ or final/)")
+        source_dir = path
     elif os.path.isfile(path):
         if not path.endswith(".safetensors"):
             raise UserError(f"{path} is not a .safetensors file or a model directory; "
                             "give the directory a previous `train` saved (e.g. model_save/best)")
+        source_dir = os.path.dirname(path) or "."
+    else:
+        raise UserError(f"--finetune_from_ckp_file={path} not found; give a model directory written by `train`")
+    has_tokenizer = os.path.isfile(os.path.join(source_dir, "tokenizer.json"))
+    if tokenizer is None:
+        raise UserError(f"no tokenizer in {tokenizer_dir}: a finetune needs the tokenizer its checkpoint was "
+                        f"trained with; pass --tokenizer_dir={source_dir if has_tokenizer else 'DIR'}")
+    if not has_tokenizer:
+        return (f"no tokenizer next to {path}: it cannot be checked that it was trained with the one in "
+                f"{tokenizer_dir} (a model directory written by `train` holds its tokenizer)")
+    if load_tokenizer(source_dir).get_vocab() != tokenizer.get_vocab():
+        raise UserError(f"{path} was trained with another tokenizer than {tokenizer_dir} (the vocabularies "
+                        f"differ); pass --tokenizer_dir={source_dir}")
+    return None
+
+
+def load_model_for_finetune(path: str, cfg: TrainConfig, tokenizer) -> TextToTextModel:
+    """A saved model directory, or a .safetensors state dict for the model_size preset."""
+    vocab_size = len(tokenizer)
+    if os.path.isdir(path):
+        try:
+            model = TextToTextModel.from_pretrained(path)
+        except (OSError, ValueError, SafetensorError) as err:
+            raise UserError(f"cannot load the model in {path} ({describe_error(err)}); "
+                            "point --finetune_from_ckp_file at a directory written by `train`") from None
+    else:
         model = TextToTextModel(get_t5_config(T5ModelConfig.preset(cfg.model_size), vocab_size))
         try:
             missing, unexpected = model.load_state_dict(load_file(path), strict=False)
         except RuntimeError as err:
             raise UserError(f"{path} does not fit --model_size={cfg.model_size} with this tokenizer "
                             f"({str(err).splitlines()[1].strip()}); pick the model_size it was trained with") from None
+        except (SafetensorError, OSError) as err:
+            raise UserError(f"cannot read {path} ({describe_error(err)}); give an intact .safetensors file") from None
         missing = [k for k in missing if k not in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight",
                                                    "lm_head.weight")]
         if missing or unexpected:
             raise UserError(f"{path} does not fit --model_size={cfg.model_size}: "
                             f"{len(missing)} missing and {len(unexpected)} unexpected tensors")
-    else:
-        raise UserError(f"--finetune_from_ckp_file={path} not found; give a model directory written by `train`")
     if model.config.vocab_size < vocab_size:
         raise UserError(f"checkpoint {path} has {model.config.vocab_size} embeddings but the tokenizer has "
                         f"{vocab_size} tokens; use the tokenizer it was trained with (--tokenizer_dir)")
     return model
 
 
+class NonFiniteLoss(UserError):
+    """The loss or the gradient norm stayed non-finite for max_bad_steps steps."""
+
+
 class StopRequest:
-    """Ctrl+C or SIGTERM: finish the optimizer step, save the train state, exit. No questions."""
+    """Ctrl+C or SIGTERM: finish the optimizer step (or the save under way), save, exit. No questions."""
 
     def __init__(self, logger):
         self.signum, self.logger = None, logger
@@ -166,6 +206,45 @@ class StopRequest:
             signal.signal(s, handler)
 
 
+class Meters:
+    """The run's sums since the last log line, in one place.
+
+    Each process adds its batches here; `flush` sums every process's share in one collective
+    (loss on the device so the loop never waits for it, counts on the host).
+    """
+
+    def __init__(self, device):
+        self.device = device
+        self.reset()
+
+    def reset(self):
+        self.local_loss = torch.zeros((), device=self.device)
+        self.local = np.zeros(4, dtype=np.float64)  # loss count, tokens, rows, empty rows skipped
+        self.total = np.zeros(5, dtype=np.float64)  # the same after flushes, all processes, loss sum first
+        self.started = time.perf_counter()
+
+    def add_batch(self, tokens: int, rows: int, skipped: int):
+        self.local[1:] += (tokens, rows, skipped)
+
+    def add_loss(self, loss: torch.Tensor):
+        self.local_loss += loss.detach().float()
+        self.local[0] += 1
+
+    def flush(self, accelerator) -> np.ndarray:
+        """Sum the local shares over all processes; returns (tokens, rows, skipped) just flushed."""
+        dtype = torch.float32 if self.device.type == "mps" else torch.float64  # counts stay exact in float64
+        local = torch.cat([self.local_loss.reshape(1).to(dtype), torch.tensor(self.local, device=self.device,
+                                                                               dtype=dtype)])
+        summed = accelerator.reduce(local, reduction="sum").cpu().numpy()
+        self.total += summed
+        self.local_loss.zero_()
+        self.local[:] = 0
+        return summed[2:]
+
+    def mean_loss(self) -> float:
+        return self.total[0] / max(1.0, self.total[1])
+
+
 class ChatTrainer:
     def __init__(self, cfg: TrainConfig):
         self.cfg = cfg
@@ -173,7 +252,6 @@ class ChatTrainer:
     # ---- build -------------------------------------------------------------------------
     def build(self):
         cfg = self.cfg
-        self.train_files = expand_files(cfg.train_file)
         self.accelerator = Accelerator(
             # Several processes on a machine without a GPU (`accelerate launch --multi_gpu` or
             # torchrun there): Accelerate needs cpu=True to join them over gloo instead of
@@ -185,8 +263,13 @@ class ChatTrainer:
             log_with=None if cfg.log_with == "none" else cfg.log_with,
             project_dir=cfg.output_dir)
         acc = self.accelerator
+        if acc.num_processes > 1:
+            # Stop flags travel on a CPU group so the check never waits on the GPU queue.
+            self.flag_group = torch.distributed.new_group(backend="gloo")
+        self.logger = get_logger(None, acc.is_main_process)  # no file until the output dir is checked
+        self.resume_from = self.preflight()
         self.logger = get_logger(cfg.output_dir, acc.is_main_process)
-        self.check_train_state_dir()
+        self.metrics = MetricsLog(cfg.output_dir if acc.is_main_process else None, self.logger, acc)
         if cfg.num_workers:
             # Each worker process tokenizes already; the tokenizer's own thread pool would only
             # compete with training (and it warns after every fork).
@@ -205,39 +288,101 @@ class ChatTrainer:
         self.idle_batch = collate([[self.tokenizer.eos_token_id]], [[self.tokenizer.eos_token_id]])
         self.eval_set = EvalSet(cfg.validation_file, self.tokenizer, cfg.max_seq_len, cfg.max_eval_rows) \
             if cfg.validation_file else None
-        if cfg.test_file:
-            open_parquet(cfg.test_file)  # read only at the end: a bad path must fail now, not in hours
-        self.total_steps = self.estimate_total_steps()
+        self.total_steps = self.count_total_steps()
+        self.schedule = get_lr_lambda(self.total_steps, cfg.warmup_steps, cfg.div_factor)
         self.optimizer = get_optimizer(self.model, cfg)
-        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
-            self.optimizer, get_lr_lambda(self.total_steps, cfg.warmup_steps, cfg.div_factor))
         eval_loader = get_eval_loader(self.eval_set, cfg.batch_size_per_gpu) if self.eval_set else None
         # The training loader is not prepared: each process already reads its own shard, and
         # Accelerate would otherwise read every batch on one process and send slices around.
-        # The scheduler is not prepared either: Accelerate steps a prepared one once per process.
+        # There is no scheduler object: the lr is a function of the step, set before each update,
+        # so a resume with another learn_rate or max_steps follows the new schedule at once.
         self.model, self.optimizer, self.eval_loader = acc.prepare(self.model, self.optimizer, eval_loader)
         self.progress = TrainingProgress()
-        # Registered before any load_state: the original registered after loading, and its
-        # second resume failed.
-        acc.register_for_checkpointing(self.scheduler, self.progress)
-        if acc.num_processes > 1:
-            # Stop flags travel on a CPU group so the check never waits on the GPU queue.
-            self.flag_group = torch.distributed.new_group(backend="gloo")
+        self.meters = Meters(acc.device)
+        self.bad_steps, self.unconfirmed = 0, []
         self.maybe_resume()
         if cfg.log_with != "none":
             acc.init_trackers("chatlm", config={k: str(v) if isinstance(v, list) else v
                                                 for k, v in dataclasses.asdict(cfg).items()})
 
-    def check_train_state_dir(self):
-        cfg, states = self.cfg, list_states(self.cfg.train_state_dir)
+    def preflight(self) -> str | None:
+        """Everything that can be checked before any work, so a mistake costs seconds, not hours.
+
+        Input files readable with usable rows; output, state and tokenizer directories writable;
+        room for a train state and a model; the tokenizer loads and fits a finetune checkpoint;
+        the state to resume from is intact. Returns that state (None for a fresh run).
+        """
+        cfg = self.cfg
+        self.train_files = expand_files(cfg.train_file)
+        for path in self.train_files:
+            check_data_file(path, what="train_file")
+        for what in ("validation_file", "test_file"):
+            if getattr(cfg, what):
+                check_data_file(getattr(cfg, what), what=what)
+        has_tokenizer = os.path.isfile(os.path.join(cfg.tokenizer_dir, "tokenizer.json"))
+        tokenizer = load_tokenizer(cfg.tokenizer_dir) if has_tokenizer else None
+        if cfg.is_finetune:
+            warning = check_finetune_source(cfg.finetune_from_ckp_file, tokenizer, cfg.tokenizer_dir)
+            if warning:
+                self.logger.warning(warning)
+        return self.on_main(self.preflight_writes, tokenizer)
+
+    def preflight_writes(self, tokenizer) -> str | None:
+        cfg = self.cfg
+        probe_writable(cfg.output_dir, "output_dir")
+        probe_writable(cfg.train_state_dir, "train_state_dir")
+        if tokenizer is None:
+            probe_writable(cfg.tokenizer_dir, "tokenizer_dir")
+        self.check_free_space(tokenizer)
         if cfg.is_keep_training:
-            if not states:
-                raise UserError(f"no train state in {cfg.train_state_dir} to resume from; "
-                                "run without --is_keep_training or point --train_state_dir at one")
-        elif states and not cfg.overwrite:
+            path = ckpt.find_resumable(cfg.train_state_dir, cfg.trust_pickled_state, self.logger.warning)
+            if path is None:
+                raise UserError(f"no intact train state in {cfg.train_state_dir} to resume from; run without "
+                                "--is_keep_training or point --train_state_dir at one")
+            return path
+        states = ckpt.list_states(cfg.train_state_dir)
+        if states and not cfg.overwrite:
             raise UserError(f"{cfg.train_state_dir} already holds train states (latest "
                             f"{os.path.basename(states[-1])}); resume with --is_keep_training=True, "
                             "pass --overwrite=True to start over, or choose another --train_state_dir")
+        return None
+
+    def on_main(self, fn, *args):
+        """Run `fn` on the main process only and hand its result, or its UserError, to every process."""
+        acc = self.accelerator
+        if acc.num_processes == 1:
+            return fn(*args)
+        box = [None, None]
+        if acc.is_main_process:
+            try:
+                box[0] = fn(*args)
+            except UserError as err:
+                box[1] = str(err)
+        box = broadcast_object_list(box)
+        if box[1] is not None:
+            raise (UserError if acc.is_main_process else QuietUserError)(box[1])
+        return box[0]
+
+    def check_free_space(self, tokenizer):
+        """Room for one more train state and one model directory, from the parameter count."""
+        cfg = self.cfg
+        vocab = len(tokenizer) if tokenizer is not None else cfg.vocab_size
+        with torch.device("meta"):
+            model = self.new_model(vocab)
+        weights = 4 * sum(p.numel() for p in model.parameters())
+        needs = {"train_state_dir": weights + optimizer_state_bytes(model, cfg.optimizer) + (1 << 20),
+                 "output_dir": weights + (1 << 20)}
+        by_device = {}
+        for what, need in needs.items():
+            device, free = free_bytes(getattr(cfg, what))
+            entry = by_device.setdefault(device, [0, free, []])
+            entry[0] += need
+            entry[2].append(what)
+        for need, free, whats in by_device.values():
+            if free < need:
+                where = " and ".join(f"--{w}={getattr(cfg, w)}" for w in whats)
+                raise UserError(f"{where}: {free / 1e9:.2f} GB free, but a train state and a model directory "
+                                f"need about {need / 1e9:.2f} GB; free some space or save elsewhere")
 
     def get_tokenizer(self):
         cfg, acc = self.cfg, self.accelerator
@@ -248,6 +393,18 @@ class ChatTrainer:
                 train_tokenizer(self.train_files, cfg.tokenizer_dir, cfg.vocab_size,
                                 model_max_length=cfg.max_seq_len, seed=cfg.seed)
             return load_tokenizer(cfg.tokenizer_dir)
+
+    def new_model(self, vocab_size: int) -> TextToTextModel:
+        """The model before any weights are loaded: the checkpoint's shape for a finetune."""
+        cfg = self.cfg
+        if cfg.is_finetune and os.path.isdir(cfg.finetune_from_ckp_file):
+            config = T5Config.from_pretrained(cfg.finetune_from_ckp_file)
+        else:
+            config = get_t5_config(T5ModelConfig.preset(cfg.model_size), vocab_size)
+        model = TextToTextModel(config)
+        if cfg.is_finetune:
+            freeze_for_finetune(model)
+        return model
 
     def get_model(self) -> TextToTextModel:
         cfg = self.cfg
@@ -280,143 +437,267 @@ class ChatTrainer:
                            cfg.dataloader_buffer_size, cfg.seed, acc.process_index, acc.num_processes,
                            cfg.num_workers, keep_in_memory, cfg.group_by_length)
 
-    def estimate_total_steps(self) -> int:
-        """Optimizer steps of the whole run, for the schedule and the progress bar."""
+    def count_total_steps(self) -> int:
+        """Optimizer steps of the whole run, for the schedule and the progress bar.
+
+        Every process steps until the one with the most batches is done; accumulation runs on
+        across epoch ends. Exact when no row is empty (empty rows can only make it shorter).
+        """
         cfg, acc = self.cfg, self.accelerator
-        rows_per_process = count_rows(self.train_files) / acc.num_processes
-        batches = math.ceil(rows_per_process / cfg.batch_size_per_gpu)
-        per_epoch = max(1, batches // cfg.gradient_accumulation_steps)
-        total = per_epoch * cfg.epochs
+        per_epoch = max(self.stream.batches_per_epoch(rank) for rank in range(acc.num_processes))
+        total = per_epoch * cfg.epochs // cfg.gradient_accumulation_steps
+        if total == 0:
+            raise UserError(f"the training data gives {per_epoch * cfg.epochs} batches in all, fewer than one "
+                            f"optimizer step of {cfg.gradient_accumulation_steps}; lower "
+                            "--gradient_accumulation_steps or --batch_size_per_gpu, or give more rows")
         return min(total, cfg.max_steps) if cfg.max_steps else total
 
-    # ---- checkpoints -------------------------------------------------------------------
-    def state_meta(self) -> dict:
-        cfg, model = self.cfg, self.accelerator.unwrap_model(self.model).config
-        shape = {k: getattr(model, k) for k in ("d_model", "d_ff", "num_heads", "num_layers", "num_decoder_layers")}
-        return {"model": shape, "vocab_size": len(self.tokenizer),
-                "batch_size_per_gpu": cfg.batch_size_per_gpu, "dataloader_buffer_size": cfg.dataloader_buffer_size,
-                "seed": cfg.seed, "max_seq_len": cfg.max_seq_len, "group_by_length": cfg.group_by_length,
-                "num_shards": self.stream.num_shards,
-                "num_processes": self.accelerator.num_processes, "num_workers": cfg.num_workers,
-                "is_finetune": cfg.is_finetune, "step": self.progress.step}
+    # ---- train states ------------------------------------------------------------------
+    def state_settings(self) -> dict:
+        """What a resumed run must share with the run that saved the state."""
+        cfg, shape = self.cfg, self.accelerator.unwrap_model(self.model).config
+        return {"model": {k: getattr(shape, k) for k in MODEL_SHAPE_KEYS}, "vocab": vocab_hash(self.tokenizer),
+                "is_finetune": cfg.is_finetune, "optimizer": cfg.optimizer,
+                **{k: getattr(self.stream if k == "num_shards" else cfg, k) for k in DATA_ORDER_KEYS},
+                "rows_per_row_group": [p.num_rows for p in self.stream.pieces],
+                "num_processes": self.accelerator.num_processes, "num_workers": cfg.num_workers}
+
+    def check_settings(self, state: str, saved: dict):
+        now = self.state_settings()
+        if saved.get("model") != now["model"]:
+            raise UserError(f"{state} holds a model of shape {saved.get('model')}, this run builds {now['model']}; "
+                            "resume with the --model_size (or --finetune_from_ckp_file) it was trained with")
+        if saved.get("vocab") != now["vocab"]:
+            raise UserError(f"{state} was trained with another tokenizer than {self.cfg.tokenizer_dir}; "
+                            "resume with the --tokenizer_dir it was trained with")
+        for key in ("is_finetune", "optimizer"):
+            if saved.get(key) != now[key]:
+                raise UserError(f"{state} was saved with --{key}={saved.get(key)}, this run has {now[key]}; "
+                                f"resume with --{key}={saved.get(key)}")
+        for key in DATA_ORDER_KEYS:
+            if saved.get(key) != now[key]:
+                hint = ("the same number of processes x --num_workers "
+                        f"({saved.get('num_processes')} x {saved.get('num_workers')})") if key == "num_shards" \
+                    else f"--{key}={saved.get(key)}"
+                raise UserError(f"{state} was saved with {key}={saved.get(key)}, this run has {now[key]}; "
+                                f"an exact resume needs {hint}")
+        if saved.get("rows_per_row_group") != now["rows_per_row_group"]:
+            raise UserError(f"the training data differs from the data {state} was trained on (rows per row "
+                            "group changed); resume with the same --train_file, or start a new run")
 
     def maybe_resume(self):
-        if not self.cfg.is_keep_training:
+        path = self.resume_from
+        if path is None:
             return
-        state = list_states(self.cfg.train_state_dir)[-1]
-        with open(os.path.join(state, META_FILE), encoding="utf-8") as f:
-            saved = json.load(f)
-        now = self.state_meta()
-        if saved["model"] != now["model"]:
-            raise UserError(f"{state} holds a model of shape {saved['model']}, this run builds {now['model']}; "
-                            "resume with the --model_size (or --finetune_from_ckp_file) it was trained with")
-        for key in ("vocab_size", "is_finetune"):
-            if saved[key] != now[key]:
-                raise UserError(f"{state} was saved with {key}={saved[key]}, this run has {now[key]}; "
-                                f"resume with the same {'tokenizer' if key == 'vocab_size' else '--' + key}")
-        for key in DATA_ORDER_KEYS:
-            if saved[key] != now[key]:
-                hint = ("the same number of processes x --num_workers "
-                        f"({saved['num_processes']} x {saved['num_workers']})") if key == "num_shards" \
-                    else f"--{key}={saved[key]}"
-                raise UserError(f"{state} was saved with {key}={saved[key]}, this run has {now[key]}; "
-                                f"an exact resume needs {hint}")
-        self.accelerator.load_state(state)
-        rank = self.accelerator.process_index
-        positions = self.progress.positions[rank] if self.progress.positions else {}
-        first = self.progress.next_workers[rank] if self.progress.next_workers else 0
-        self.stream.set_epoch(self.progress.epoch, positions, first)
-        self.logger.info(f"resumed from {state}: epoch {self.progress.epoch}, step {self.progress.step}, "
+        if ckpt.is_legacy(path):
+            self.load_legacy_state(path)
+        else:
+            self.load_state(path)
+        self.logger.info(f"resumed from {path}: epoch {self.progress.epoch}, step {self.progress.step}, "
                          f"{self.progress.micro_step} batches done")
 
+    def load_state(self, path: str):
+        acc = self.accelerator
+        saved = ckpt.load_json(os.path.join(path, ckpt.STATE_JSON))
+        try:
+            settings, data = saved["settings"], saved["data"]
+            self.check_settings(path, settings)
+            if len(data) != acc.num_processes:
+                raise UserError(f"{path} was saved by {len(data)} processes, this run has {acc.num_processes}; "
+                                "resume with the same number of processes")
+            self.progress.load_state_dict(saved["progress"])
+            self.stream.load_state_dict(data[acc.process_index])
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            if isinstance(err, UserError):
+                raise
+            raise UserError(f"{path}/{ckpt.STATE_JSON} is not a chatlm train state ({err!r}); resume from "
+                            "another state or start over") from None
+        ckpt.load_model_weights(acc.unwrap_model(self.model), os.path.join(path, ckpt.MODEL_FILE))
+        ckpt.load_optimizer(self.optimizer, os.path.join(path, ckpt.OPTIMIZER_FILE), acc.device)
+        ckpt.load_rng(os.path.join(path, ckpt.rng_file(acc.process_index)))
+        self.apply_optimizer_settings()
+        threads = saved.get("torch_threads")
+        if acc.device.type == "cpu" and threads and threads != torch.get_num_threads():
+            self.logger.warning(f"{path} was saved with {threads} torch threads, this run has "
+                                f"{torch.get_num_threads()}: on a CPU the resumed run then differs from an "
+                                f"uninterrupted one in the last bits (OMP_NUM_THREADS={threads} avoids that)")
+
+    def load_legacy_state(self, path: str):
+        """A state of the old format, through Accelerate's pickle loader: only with trust_pickled_state."""
+        acc = self.accelerator
+        self.logger.warning(f"loading {path} in the old pickle format (--trust_pickled_state=True)")
+        meta = ckpt.load_json(os.path.join(path, "chatlm_state.json"))
+        now = self.state_settings()
+        for key in DATA_ORDER_KEYS + ("is_finetune",):
+            if meta.get(key) != now[key]:
+                raise UserError(f"{path} was saved with {key}={meta.get(key)}, this run has {now[key]}; "
+                                f"resume with the settings it was saved with")
+
+        class Receiver:  # takes what Accelerate unpickles for each registered object
+            state = None
+
+            def state_dict(self):
+                return {}
+
+            def load_state_dict(self, state):
+                self.state = state
+
+        scheduler, progress = Receiver(), Receiver()
+        acc.register_for_checkpointing(scheduler, progress)
+        try:
+            acc.load_state(path)
+        except Exception as err:  # noqa: BLE001 (Accelerate raises whatever its loaders raise)
+            raise UserError(f"cannot load the old train state {path} ({describe_error(err)})") from None
+        old = dict(progress.state)
+        old["best_score"] = old.pop("best_bleu", None)
+        positions, workers = old.pop("positions", []), old.pop("next_workers", [])
+        self.progress.load_state_dict(old)
+        rank = acc.process_index
+        self.stream.load_state_dict({"epoch": self.progress.epoch,
+                                     "positions": positions[rank] if positions else {},
+                                     "next_worker": workers[rank] if workers else 0})
+        self.apply_optimizer_settings()
+
+    def apply_optimizer_settings(self):
+        """Settings that may change on resume win over the ones saved in the optimizer state."""
+        if self.cfg.optimizer == "adamw":
+            self.optimizer.param_groups[0]["weight_decay"] = self.cfg.weight_decay
+
     def save_state(self):
-        """Save everything a resume needs to train_state_dir/step_N, atomically."""
+        """Save everything a resume needs to train_state_dir/step_N (see model/checkpoint.py).
+
+        All processes call it together. A failure on any of them (a full disk, a lost mount)
+        is one error line; the partial directory is removed and earlier states stay intact.
+        """
         acc, cfg, progress = self.accelerator, self.cfg, self.progress
         self.flush_counts()
-        progress.positions = gather_object([dict(self.positions)])
-        progress.next_workers = gather_object([self.next_worker])
-        final = os.path.join(cfg.train_state_dir, f"{STATE_PREFIX}{progress.step:08d}")
+        data = gather_object([self.stream.state_dict()])
+        final = ckpt.state_path(cfg.train_state_dir, progress.step)
         tmp = final + ".tmp"
-        if acc.is_main_process:
-            shutil.rmtree(tmp, ignore_errors=True)
-            os.makedirs(tmp)
-        acc.wait_for_everyone()
         try:
-            acc.save_state(tmp)
             if acc.is_main_process:
-                with open(os.path.join(tmp, META_FILE), "w", encoding="utf-8") as f:
-                    json.dump(self.state_meta(), f, indent=1)
+                shutil.rmtree(tmp, ignore_errors=True)
+                os.makedirs(tmp)
+            error = None
         except OSError as err:
-            shutil.rmtree(tmp, ignore_errors=True)
-            raise UserError(f"could not save the train state to {final} ({err.strerror}); free space or fix the "
-                            "path, the earlier states are intact") from None
-        acc.wait_for_everyone()
-        if acc.is_main_process:
-            if os.path.isdir(final):  # the same step saved again: keep the old one until the swap
-                os.replace(final, final + ".old")
-            os.replace(tmp, final)
-            shutil.rmtree(final + ".old", ignore_errors=True)
-            for old in list_states(cfg.train_state_dir)[:-cfg.keep_latest_n_ckp]:
-                shutil.rmtree(old)
-        acc.wait_for_everyone()
+            error = err
+        self.fail_together(error, final, tmp)
+        try:
+            if acc.is_main_process:
+                ckpt.save_model_weights(acc.unwrap_model(self.model), os.path.join(tmp, ckpt.MODEL_FILE))
+                ckpt.save_optimizer(self.optimizer, os.path.join(tmp, ckpt.OPTIMIZER_FILE))
+                ckpt.save_json({"format": ckpt.FORMAT, "step": progress.step, "progress": progress.state_dict(),
+                                "data": data, "settings": self.state_settings(),
+                                "torch_threads": torch.get_num_threads()}, os.path.join(tmp, ckpt.STATE_JSON))
+            ckpt.save_rng(os.path.join(tmp, ckpt.rng_file(acc.process_index)))
+            error = None
+        except Exception as err:  # noqa: BLE001 (OSError, torch's RuntimeError, SafetensorError)
+            error = err
+        self.fail_together(error, final, tmp)
+        try:
+            if acc.is_main_process:
+                ckpt.write_manifest(tmp)
+                ckpt.swap_in(tmp, final)
+            error = None
+        except Exception as err:  # noqa: BLE001
+            error = err
+        self.fail_together(error, final, tmp)
+        self.unconfirmed.append(final)
         self.logger.info(f"saved train state {final}")
+
+    def fail_together(self, error: BaseException | None, final: str, tmp: str):
+        """If a save failed on any process, every process stops with the same line."""
+        failed = self.agree(error is not None)[0]
+        if not failed:
+            return
+        if self.accelerator.is_main_process:
+            shutil.rmtree(tmp, ignore_errors=True)
+        reason = describe_error(error) if error is not None else "it failed on another process"
+        message = (f"could not save the train state {final}: {reason}; free some space or fix the path, "
+                   "then resume with --is_keep_training=True (the earlier states are intact)")
+        raise (UserError if error is not None or self.accelerator.is_main_process else QuietUserError)(message)
+
+    def rotate_states(self):
+        """Keep the newest keep_latest_n_ckp states. Runs once a later step was finite, so a state
+        whose weights diverge is never what is left."""
+        self.unconfirmed = []
+        if self.accelerator.is_main_process:
+            for old in ckpt.list_states(self.cfg.train_state_dir)[:-self.cfg.keep_latest_n_ckp]:
+                shutil.rmtree(old, ignore_errors=True)
 
     def save_model(self, path: str):
         """A directory that AutoModelForSeq2SeqLM and AutoTokenizer load with nothing else."""
         acc = self.accelerator
         acc.wait_for_everyone()
-        if acc.is_main_process:
-            with atomic_dir(path) as tmp:
-                acc.unwrap_model(self.model).save_pretrained(tmp, safe_serialization=True)
-                self.tokenizer.save_pretrained(tmp)
-        acc.wait_for_everyone()
+        self.on_main(self._save_model, path)
+
+    def _save_model(self, path: str):
+        with atomic_dir(path) as tmp:
+            self.accelerator.unwrap_model(self.model).save_pretrained(tmp, safe_serialization=True)
+            self.tokenizer.save_pretrained(tmp)
 
     # ---- training ----------------------------------------------------------------------
-    def train(self):
+    def train(self) -> TrainingProgress:
         self.build()
         cfg, acc, progress = self.cfg, self.accelerator, self.progress
         if cfg.overwrite and not cfg.is_keep_training and acc.is_main_process:
-            for old in list_states(cfg.train_state_dir):
-                shutil.rmtree(old)
+            for old in ckpt.list_all(cfg.train_state_dir):
+                shutil.rmtree(old, ignore_errors=True)
         self.stop = StopRequest(self.logger)
-        self.bar = tqdm(total=self.total_steps, initial=progress.step, disable=not acc.is_main_process,
-                        desc="train", unit="step", dynamic_ncols=True, mininterval=1.0)
+        self.bar = tqdm(total=self.total_steps, initial=min(progress.step, self.total_steps),
+                        disable=not acc.is_main_process, desc="train", unit="step", dynamic_ncols=True,
+                        mininterval=1.0)
         self.logger.info(f"training: {self.total_steps} optimizer steps, {acc.num_processes} process(es), "
                          f"device {acc.device}, mixed precision {acc.mixed_precision}")
-        self.reset_meters()
-        self.last_eval_step = -1
+        self.meters.reset()
+        self.grad_norm, self.last_lr = None, cfg.learn_rate * self.schedule(progress.step)
         try:
-            finished = self.run_epochs()
-            if finished and self.last_eval_step != progress.step:
-                self.maybe_evaluate()
+            done = self.run_epochs()
+            if done:
+                done = self.finish()
+            else:
+                self.save_state()
         finally:
             self.bar.close()
             self.stop.restore()
-        self.save_state()  # also after a save at this step: epoch, best score and counts may have moved
-        if finished:
-            self.save_model(os.path.join(cfg.output_dir, "final"))
-            self.logger.info(f"final model saved to {os.path.join(cfg.output_dir, 'final')}")
-            if cfg.test_file:
-                self.report(cfg.test_file)
-        else:
+        if not done:
             self.logger.info(f"stopped at step {progress.step}; continue with --is_keep_training=True")
         acc.end_training()
         return progress
+
+    def finish(self) -> bool:
+        """The end of a run: last evaluation, train state, final/, test report. A stop request is
+        honoured between these parts; resuming a finished state runs what is left."""
+        cfg, progress = self.cfg, self.progress
+        if not self.stop_requested() and progress.last_eval_step != progress.step:
+            self.maybe_evaluate()
+        self.save_state()
+        self.rotate_states()
+        if self.stop_requested():
+            return False
+        final = os.path.join(cfg.output_dir, "final")
+        if progress.step == 0:
+            self.logger.warning("no optimizer step was made: final/ is not written")
+            return True
+        self.save_model(final)
+        self.logger.info(f"final model saved to {final}")
+        if cfg.test_file and not self.stop_requested():
+            self.report(cfg.test_file)
+        return True
+
+    def stop_requested(self) -> bool:
+        return bool(self.agree(self.stop.signum is not None)[0])
 
     def run_epochs(self) -> bool:
         """Train until the last epoch or max_steps; False when a signal stopped the run."""
         cfg, progress = self.cfg, self.progress
         while progress.epoch < cfg.epochs and not self.reached_max_steps():
-            self.positions = dict(self.stream.positions)
-            self.next_worker = self.stream.first_worker
-            stopped = self.run_epoch()
-            if stopped:
+            if self.run_epoch():
                 return False
             if self.reached_max_steps():
                 break
             progress.epoch += 1
             self.stream.set_epoch(progress.epoch)
-            self.positions, self.next_worker = {}, 0
             self.maybe_evaluate(end_of_epoch=True)
         return True
 
@@ -442,17 +723,10 @@ class ChatTrainer:
             with acc.accumulate(model):
                 loss = model(**batch).loss
                 acc.backward(loss * weight)  # Accelerate divides by gradient_accumulation_steps: once
-                if acc.sync_gradients and cfg.max_grad_norm:
-                    self.grad_norm = acc.clip_grad_norm_(self.trainable_params(), cfg.max_grad_norm)
-                self.optimizer.step()
                 if acc.sync_gradients:
-                    self.last_lr = self.scheduler.get_last_lr()[0]
-                    if not acc.optimizer_step_was_skipped:
-                        self.scheduler.step()
-                self.optimizer.zero_grad(set_to_none=True)
+                    self.apply_update()
             if weight:
-                self.loss_sum += loss.detach().float()
-                self.loss_count += 1
+                self.meters.add_loss(loss)
             if not acc.sync_gradients:
                 continue
             progress.step += 1
@@ -468,6 +742,46 @@ class ChatTrainer:
             if self.reached_max_steps():
                 return False
         return False
+
+    def apply_update(self):
+        """The optimizer step at the end of an accumulation: the scheduled lr, clipping, and a
+        check that the gradient is finite. A non-finite one is not applied; max_bad_steps of
+        them in a row stop the run before anything is saved."""
+        acc, cfg, step = self.accelerator, self.cfg, self.progress.step
+        self.last_lr = cfg.learn_rate * self.schedule(step)
+        for group in self.optimizer.param_groups:
+            group["lr"] = self.last_lr
+        # One norm for all processes (gradients are already averaged), so all decide alike.
+        self.grad_norm = acc.clip_grad_norm_(self.trainable_params(), cfg.max_grad_norm or float("inf"))
+        finite = math.isfinite(float(self.grad_norm))  # one host sync per optimizer step
+        if finite or acc.mixed_precision == "fp16":  # fp16: the grad scaler skips overflowing steps itself
+            self.optimizer.step()
+            self.bad_steps = 0
+            if self.unconfirmed:
+                self.rotate_states()
+        else:
+            self.bad_steps += 1
+            self.logger.warning(f"step {step + 1}: gradient norm {float(self.grad_norm)}, update skipped "
+                                f"({self.bad_steps} of --max_bad_steps={cfg.max_bad_steps} in a row)")
+            if self.bad_steps >= cfg.max_bad_steps:
+                self.stop_diverged(step + 1)
+        self.optimizer.zero_grad(set_to_none=True)
+
+    def stop_diverged(self, step: int):
+        """Stop with one line; states saved since the last finite step are set aside."""
+        cfg = self.cfg
+        if self.accelerator.is_main_process:
+            for path in self.unconfirmed:
+                if os.path.isdir(path):
+                    shutil.rmtree(path + ".diverged", ignore_errors=True)
+                    os.replace(path, path + ".diverged")
+                    self.logger.warning(f"{path}: the steps after it were not finite; renamed {path}.diverged")
+        states = ckpt.list_states(cfg.train_state_dir)
+        resume = (f"resume from {os.path.basename(states[-1])} with --is_keep_training=True" if states
+                  else "start over")
+        raise NonFiniteLoss(f"the loss or gradient norm was not finite for {self.bad_steps} steps in a row, up to "
+                            f"step {step}: training stopped and nothing of these steps was saved; lower "
+                            f"--learn_rate or set --max_grad_norm, then {resume}")
 
     def batches(self):
         """Yield (batch or None, processes with a batch, stop requested anywhere) until no
@@ -493,13 +807,10 @@ class ChatTrainer:
         return t.tolist()
 
     def record_batch(self, batch: dict):
-        """Take the metadata off the batch and count what it holds."""
-        rows, (shard, window, done), skipped = batch.pop("row_index"), batch.pop("position"), batch.pop("skipped")
-        self.positions[shard] = (window, done)
-        workers = self.stream.workers
-        self.next_worker = (shard - self.accelerator.process_index * workers + 1) % workers
+        """Take the metadata off the batch (the stream moves its position) and count what it holds."""
+        rows, skipped = self.stream.advance(batch)
         tokens = int(batch["attention_mask"].sum()) + int((batch["labels"] >= 0).sum())
-        self.pending += np.array([tokens, len(rows), skipped])
+        self.meters.add_batch(tokens, len(rows), skipped)
         self.progress.micro_step += 1
         if self.cfg.trace_samples:
             path = os.path.join(self.cfg.output_dir, f"samples.rank{self.accelerator.process_index}.jsonl")
@@ -510,49 +821,31 @@ class ChatTrainer:
     def trainable_params(self):
         return [p for p in self.model.parameters() if p.requires_grad]
 
-    def reset_meters(self):
-        self.loss_sum, self.loss_count = torch.zeros((), device=self.accelerator.device), 0
-        self.pending = np.zeros(3, dtype=np.int64)  # tokens, rows, empty rows skipped: not yet in progress
-        self.meter = np.zeros(3, dtype=np.int64)  # the same, since the last log line
-        self.grad_norm, self.last_lr = None, self.scheduler.get_last_lr()[0]
-        self.timer = time.perf_counter()
-
     def flush_counts(self):
         """Add every process's counts to progress (a collective: all processes call it together)."""
-        acc = self.accelerator
-        counts = acc.reduce(torch.tensor(self.pending, device=acc.device), reduction="sum").cpu().numpy()
-        self.progress.tokens += int(counts[0])
-        self.progress.samples += int(counts[1])
-        self.progress.rows_skipped += int(counts[2])
-        self.meter += counts
-        self.pending[:] = 0
+        tokens, rows, skipped = self.meters.flush(self.accelerator)
+        self.progress.tokens += int(tokens)
+        self.progress.samples += int(rows)
+        self.progress.rows_skipped += int(skipped)
 
     def maybe_log(self):
-        acc, progress = self.accelerator, self.progress
+        progress, meters = self.progress, self.meters
         if progress.step % self.cfg.logging_steps:
             return
         self.flush_counts()
-        tokens, rows, _ = self.meter.tolist()
-        loss = acc.reduce(self.loss_sum / max(1, self.loss_count), reduction="mean").item()
-        seconds = time.perf_counter() - self.timer
-        metrics = {"train/loss": loss, "train/lr": self.last_lr, "train/tokens_per_s": tokens / seconds,
-                   "train/samples_per_s": rows / seconds, "train/epoch": progress.epoch}
+        _, _, tokens, rows, _ = meters.total
+        seconds = time.perf_counter() - meters.started
+        metrics = {"train/loss": meters.mean_loss(), "train/lr": self.last_lr,
+                   "train/tokens_per_s": tokens / seconds, "train/samples_per_s": rows / seconds}
         if self.grad_norm is not None:
             metrics["train/grad_norm"] = float(self.grad_norm)
-        line = (f"epoch {progress.epoch} step {progress.step}/{self.total_steps} loss {loss:.4f} "
-                f"lr {self.last_lr:.3e} tokens/s {tokens / seconds:,.0f}")
-        if self.grad_norm is not None:
-            line += f" grad_norm {float(self.grad_norm):.3f}"
         if progress.rows_skipped:
-            line += f" empty_rows_skipped {progress.rows_skipped}"
+            metrics["data/empty_rows_skipped"] = progress.rows_skipped
         if self.cfg.log_memory:
-            memory = memory_usage()
-            metrics.update({f"memory/{k}": v for k, v in memory.items()})
-            line += " " + " ".join(f"{k} {v:.2f}" for k, v in memory.items())
-        self.logger.info(line)
-        self.bar.set_postfix(loss=f"{loss:.3f}")
-        acc.log(metrics, step=progress.step)
-        self.reset_meters()
+            metrics.update({f"memory/{k}": v for k, v in memory_usage().items()})
+        self.metrics.log(metrics, progress.step, progress.epoch, self.total_steps)
+        self.bar.set_postfix(loss=f"{metrics['train/loss']:.3f}")
+        meters.reset()
 
     def maybe_release_memory(self):
         steps = self.cfg.empty_cache_steps
@@ -563,22 +856,23 @@ class ChatTrainer:
     def maybe_evaluate(self, end_of_epoch: bool = False):
         if self.eval_loader is None:
             return
-        self.last_eval_step = self.progress.step
+        progress = self.progress
+        progress.last_eval_step = progress.step
         started = time.perf_counter()
         result = evaluate(self.model, self.eval_loader, self.accelerator, self.tokenizer, self.cfg.max_seq_len)
-        progress = self.progress
         metrics = {"eval/loss": result["loss"], "eval/perplexity": result["perplexity"], "eval/bleu4": result["bleu4"]}
-        self.accelerator.log(metrics, step=progress.step)
         where = f"end of epoch {progress.epoch - 1}" if end_of_epoch else f"step {progress.step}"
-        self.logger.info(f"eval at {where}: loss {result['loss']:.4f} perplexity {result['perplexity']:.2f} "
-                         f"bleu4 {result['bleu4']:.4f} ({len(result['hypotheses'])} rows)")
-        if result["bleu4"] > progress.best_bleu:
-            progress.best_bleu = result["bleu4"]
+        self.metrics.log(metrics, progress.step, progress.epoch, self.total_steps,
+                         prefix=f"eval at {where} ({len(result['hypotheses'])} rows):")
+        if not math.isfinite(result["loss"]):
+            self.logger.warning(f"eval at {where}: the validation loss is not finite; best/ is left as it is")
+        elif progress.step > 0 and (progress.best_score is None or result["bleu4"] > progress.best_score):
+            progress.best_score, progress.best_step = result["bleu4"], progress.step
             self.save_model(os.path.join(self.cfg.output_dir, "best"))
             self.logger.info(f"new best bleu4 {result['bleu4']:.4f}: model saved to "
                              f"{os.path.join(self.cfg.output_dir, 'best')}")
         self.model.train()
-        self.timer += time.perf_counter() - started  # evaluation time is not training throughput
+        self.meters.started += time.perf_counter() - started  # evaluation time is not training throughput
 
     def report(self, path: str) -> dict:
         """Score the trained model on a held-out file: BLEU-4, exact match per task, sample answers."""

@@ -70,5 +70,5 @@ def test_cli_unknown_flag_is_one_line_and_exit_2():
     proc = run_cli("train.py", "train", "--epochz=3", check=False)
     assert proc.returncode == 2
     assert proc.stderr.strip().count("\n") == 0, proc.stderr
-    assert "unknown setting 'epochz'" in proc.stderr and "valid keys" in proc.stderr
+    assert "unknown flag --epochz; did you mean --epochs?" in proc.stderr and "valid flags" in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout

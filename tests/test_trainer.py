@@ -1,6 +1,7 @@
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
@@ -30,11 +31,10 @@ def run_in_process(tmp_path, data_dir, tokenizer_dir, **overrides) -> ChatTraine
 
 
 def logged(trainer_or_dir, key):
-    """Per-step values of `key` from train.log."""
+    """Per-step values of train/`key` from output_dir/metrics.jsonl."""
+    from utils.logging import read_metrics
     out = trainer_or_dir if isinstance(trainer_or_dir, str) else trainer_or_dir.cfg.output_dir
-    with open(os.path.join(out, "train.log"), encoding="utf-8") as f:
-        return [(int(m.group(1)), float(m.group(2))) for m in
-                re.finditer(rf"step (\d+)/\d+ .*?{key} ([-\d.e+]+)", f.read())]
+    return [(r["step"], r[f"train/{key}"]) for r in read_metrics(out) if f"train/{key}" in r]
 
 
 def test_finetune_freezes_embedding_and_encoder(tmp_path, data_dir, tokenizer_dir):
@@ -74,8 +74,8 @@ def test_lr_each_step_equals_the_schedule(tmp_path, data_dir, tokenizer_dir):
         for step, lr in lrs:
             assert lr == pytest.approx(0.01 * expected(step - 1), rel=1e-3)
         assert lrs[0][1] == pytest.approx(0.001, rel=1e-3) and lrs[4][1] == pytest.approx(0.01, rel=1e-3)
-        applied = trainer.optimizer.param_groups[0]["lr"]
-        assert applied == pytest.approx(0.01 * expected(12))
+        applied = trainer.optimizer.param_groups[0]["lr"]  # the lr the last step used
+        assert applied == pytest.approx(0.01 * expected(11))
 
 
 @pytest.mark.parametrize("optimizer", ["adamw", "adafactor"])
@@ -302,9 +302,12 @@ def test_user_errors_are_one_line(tmp_path, data_dir, tokenizer_dir):
     other_tok = tmp_path / "other_tok"
     from utils.tokenizer import train_tokenizer
     train_tokenizer(str(data_dir / "train.parquet"), str(other_tok), vocab_size=200)
+    bare = tmp_path / "bare" / "model.safetensors"  # weights without their tokenizer beside them
+    bare.parent.mkdir()
+    shutil.copy(os.path.join(flags["output_dir"], "final", "model.safetensors"), bare)
     cases = {
         "already holds train states": {},
-        "no train state in": {"is_keep_training": True, "train_state_dir": str(tmp_path / "none")},
+        "no intact train state in": {"is_keep_training": True, "train_state_dir": str(tmp_path / "none")},
         "not found": {"train_file": str(tmp_path / "missing.parquet"), "overwrite": True},
         "found: q, a": {"train_file": str(wrong_columns), "overwrite": True},
         "finetune_from_ckp_file": {"is_finetune": True, "finetune_from_ckp_file": str(tmp_path / "nope"),
@@ -313,8 +316,7 @@ def test_user_errors_are_one_line(tmp_path, data_dir, tokenizer_dir):
                                            "finetune_from_ckp_file": os.path.join(flags["output_dir"], "final"),
                                            "train_state_dir": str(tmp_path / "s2")},
         "does not fit --model_size=tiny": {"is_finetune": True, "overwrite": True, "tokenizer_dir": str(other_tok),
-                                           "finetune_from_ckp_file": os.path.join(flags["output_dir"], "final",
-                                                                                  "model.safetensors"),
+                                           "finetune_from_ckp_file": str(bare),
                                            "train_state_dir": str(tmp_path / "s3")},
         "resume with the --model_size": {"is_keep_training": True, "model_size": "small"},
         "must be int": {"epochs": "many"},

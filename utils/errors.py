@@ -14,5 +14,13 @@ def exit_on_user_error(fn, *args, **kwargs):
     try:
         return fn(*args, **kwargs)
     except UserError as err:
-        print(f"error: {err}", file=sys.stderr, flush=True)
+        if not isinstance(err, QuietUserError):
+            print(f"error: {err}", file=sys.stderr, flush=True)
         sys.exit(2)
+    except KeyboardInterrupt:
+        print("interrupted; what was saved before is intact", file=sys.stderr, flush=True)
+        sys.exit(130)
+
+
+class QuietUserError(UserError):
+    """The same error on a process other than the main one, which has already said it."""

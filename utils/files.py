@@ -6,6 +6,7 @@ import os
 import shutil
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 
 from utils.errors import UserError
@@ -55,30 +56,104 @@ def expand_files(spec: str | list[str]) -> list[str]:
     return files
 
 
+def has_usable_row(pf: pq.ParquetFile, columns=TEXT_COLUMNS) -> bool:
+    """Whether any row has every text column non-empty; reads only until it finds one."""
+    for batch in pf.iter_batches(batch_size=4096, columns=list(columns)):
+        keep = None
+        for c in columns:
+            valid = pc.invert(pc.fill_null(pc.equal(pc.utf8_trim_whitespace(batch.column(c)), ""), True))
+            keep = valid if keep is None else pc.and_(keep, valid)
+        if pc.any(keep).as_py():
+            return True
+    return False
+
+
+def check_data_file(path: str, columns=TEXT_COLUMNS, what: str = "train_file") -> pq.ParquetFile:
+    """A readable parquet file with string `columns` and at least one usable row, or a UserError."""
+    pf = open_parquet(path, columns)
+    if pf.metadata.num_rows == 0:
+        raise UserError(f"--{what} {path} has no rows; give a file with {', '.join(columns)} rows")
+    if not has_usable_row(pf, columns):
+        raise UserError(f"--{what} {path} has no usable row: every row has an empty or null "
+                        f"{' or '.join(columns)}; check the file")
+    return pf
+
+
+def probe_writable(path: str, what: str) -> None:
+    """Check that directory `path` can be created and written, leaving nothing behind."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise UserError(f"--{what}={path} is a file, not a directory; choose another --{what}")
+    created, head = [], os.path.abspath(path)
+    while not os.path.exists(head):
+        created.append(head)
+        head = os.path.dirname(head)
+    if not os.path.isdir(head):
+        raise UserError(f"--{what}={path} cannot be created: {head} is a file; choose another --{what}")
+    try:
+        os.makedirs(path, exist_ok=True)
+        probe = os.path.join(path, f".chatlm-write-probe-{os.getpid()}")
+        with open(probe, "w", encoding="utf-8") as f:
+            f.write("probe")
+        os.remove(probe)
+    except OSError as err:
+        raise UserError(f"--{what}={path} is not writable ({err.strerror}); fix its permissions or "
+                        f"choose another --{what}") from None
+    finally:
+        for d in created:  # deepest first: leave the disk as it was
+            with contextlib.suppress(OSError):
+                os.rmdir(d)
+
+
+def free_bytes(path: str) -> tuple[int, int]:
+    """(device id, bytes free) of the filesystem that holds `path` or would hold it."""
+    head = os.path.abspath(path)
+    while not os.path.exists(head):
+        head = os.path.dirname(head)
+    return os.stat(head).st_dev, shutil.disk_usage(head).free
+
+
+def describe_error(err: BaseException) -> str:
+    """A short reason for a failed write: OSError, torch's writer or safetensors."""
+    if isinstance(err, OSError) and err.errno == errno.ENOSPC or "No space left" in str(err) \
+            or "StorageFull" in str(err) or "file write failed" in str(err):
+        return "no space left on the device"
+    if isinstance(err, OSError) and err.strerror:
+        return err.strerror
+    return (str(err).splitlines() or [type(err).__name__])[0][:200]
+
+
 @contextlib.contextmanager
 def atomic_dir(path: str):
     """Yield a temporary directory that replaces `path` only once the block completes.
 
     A crash or a full disk during the write leaves `path` as it was (the old directory
     survives until the new one is complete); the partial temporary directory is removed.
+    Any failure to write (OSError, torch's RuntimeError, safetensors' errors) is a UserError.
     """
     path = path.rstrip("/")
     tmp, old = path + ".tmp", path + ".old"
-    shutil.rmtree(tmp, ignore_errors=True)
-    os.makedirs(tmp)
+    try:
+        shutil.rmtree(tmp, ignore_errors=True)
+        os.makedirs(tmp)
+    except OSError as err:
+        raise UserError(f"cannot write {path} ({describe_error(err)}); fix the path or its permissions") from None
     try:
         yield tmp
-    except OSError as err:
+    except UserError:
         shutil.rmtree(tmp, ignore_errors=True)
-        if err.errno == errno.ENOSPC:
-            raise UserError(f"no space left on the device while writing {path}; free some space "
-                            f"(what was saved before is intact)") from None
         raise
+    except Exception as err:  # noqa: BLE001 (every writer has its own error type)
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise UserError(f"could not write {path}: {describe_error(err)}; free some space or fix the path "
+                        "(what was saved there before is intact)") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
-    if os.path.isdir(path):
+    try:
+        if os.path.isdir(path):
+            shutil.rmtree(old, ignore_errors=True)
+            os.replace(path, old)
+        os.replace(tmp, path)
         shutil.rmtree(old, ignore_errors=True)
-        os.replace(path, old)
-    os.replace(tmp, path)
-    shutil.rmtree(old, ignore_errors=True)
+    except OSError as err:
+        raise UserError(f"could not put {path} in place ({describe_error(err)})") from None

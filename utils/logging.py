@@ -1,8 +1,10 @@
 """Plain-text logging to the console and output_dir/train.log, kept clear of the progress bar."""
+import json
 import logging
 import os
 import resource
 import sys
+import time
 
 import psutil
 import torch
@@ -65,3 +67,42 @@ def memory_usage() -> dict:
         stats["gpu_gb"] = torch.cuda.memory_allocated() / 2**30
         stats["peak_gpu_gb"] = torch.cuda.max_memory_allocated() / 2**30
     return stats
+
+
+# How the console line shows a metric: its short name and format. Others: name after the slash, 4 digits.
+CONSOLE_FORMAT = {
+    "train/loss": ("loss", "{:.4f}"), "train/lr": ("lr", "{:.3e}"), "train/tokens_per_s": ("tokens/s", "{:,.0f}"),
+    "train/samples_per_s": (None, None), "train/grad_norm": ("grad_norm", "{:.3f}"),
+    "data/empty_rows_skipped": ("empty_rows_skipped", "{}"), "eval/perplexity": ("perplexity", "{:.2f}"),
+}
+
+
+class MetricsLog:
+    """One dict per log step feeds the console line, the trackers (TensorBoard) and
+    `output_dir/metrics.jsonl` (one JSON object per line: step, epoch, time, every metric)."""
+
+    def __init__(self, output_dir: str | None, logger: logging.Logger, accelerator=None):
+        self.path = os.path.join(output_dir, "metrics.jsonl") if output_dir else None
+        self.logger, self.accelerator = logger, accelerator
+
+    def log(self, metrics: dict, step: int, epoch: int, total_steps: int | None = None, prefix: str | None = None):
+        head = prefix or f"epoch {epoch} step {step}/{total_steps}"
+        self.logger.info(" ".join([head] + [format_metric(k, v) for k, v in metrics.items() if
+                                            CONSOLE_FORMAT.get(k, ("",))[0] is not None]))
+        if self.accelerator is not None:
+            self.accelerator.log(metrics, step=step)
+        if self.path:
+            record = {"step": step, "epoch": epoch, "time": round(time.time(), 3), **metrics}
+            with open(self.path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def format_metric(key: str, value) -> str:
+    name, fmt = CONSOLE_FORMAT.get(key, (key.split("/")[-1], "{:.4f}" if isinstance(value, float) else "{}"))
+    return f"{name} {fmt.format(value)}"
+
+
+def read_metrics(output_dir: str) -> list[dict]:
+    """The records of output_dir/metrics.jsonl, in order."""
+    with open(os.path.join(output_dir, "metrics.jsonl"), encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]

@@ -92,7 +92,12 @@ def load_tokenizer(path: str) -> PreTrainedTokenizerFast:
     if not os.path.isfile(os.path.join(path, "tokenizer.json")):
         raise UserError(f"no tokenizer in {path}; train one with `python train.py train_tokenizer` "
                         "or point --tokenizer_dir at a tokenizer directory")
-    tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+    try:
+        tokenizer = PreTrainedTokenizerFast.from_pretrained(path)
+    except Exception as err:  # noqa: BLE001 (tokenizers raises a plain Exception for a bad tokenizer.json)
+        reason = (str(err).splitlines() or [type(err).__name__])[0][:160]
+        raise UserError(f"the tokenizer in {path} cannot be loaded ({reason}); retrain it with "
+                        "`python train.py train_tokenizer` or point at an intact tokenizer directory") from None
     if tokenizer.pad_token_id != 0 or tokenizer.eos_token_id != 1:
         raise UserError(f"tokenizer in {path} must have [PAD]=0 and [EOS]=1 "
                         f"(has pad={tokenizer.pad_token_id}, eos={tokenizer.eos_token_id}); retrain it")
