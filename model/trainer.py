@@ -11,6 +11,7 @@ import math
 import os
 import shutil
 import signal
+import sys
 import time
 import typing
 
@@ -610,9 +611,9 @@ class ChatTrainer:
         failed = self.agree(error is not None)[0]
         if not failed:
             return
+        reason = describe_error(error, tmp) if error is not None else "it failed on another process"
         if self.accelerator.is_main_process:
             shutil.rmtree(tmp, ignore_errors=True)
-        reason = describe_error(error) if error is not None else "it failed on another process"
         message = (f"could not save the train state {final}: {reason}; free some space or fix the path, "
                    "then resume with --is_keep_training=True (the earlier states are intact)")
         raise (UserError if error is not None or self.accelerator.is_main_process else QuietUserError)(message)
@@ -644,9 +645,10 @@ class ChatTrainer:
             for old in ckpt.list_all(cfg.train_state_dir):
                 shutil.rmtree(old, ignore_errors=True)
         self.stop = StopRequest(self.logger)
+        # The bar is for a terminal; in a scheduler's log file the log lines say the same.
         self.bar = tqdm(total=self.total_steps, initial=min(progress.step, self.total_steps),
-                        disable=not acc.is_main_process, desc="train", unit="step", dynamic_ncols=True,
-                        mininterval=1.0)
+                        disable=not (acc.is_main_process and sys.stderr.isatty()), desc="train", unit="step",
+                        dynamic_ncols=True, mininterval=1.0)
         self.logger.info(f"training: {self.total_steps} optimizer steps, {acc.num_processes} process(es), "
                          f"device {acc.device}, mixed precision {acc.mixed_precision}")
         self.meters.reset()

@@ -112,10 +112,18 @@ def free_bytes(path: str) -> tuple[int, int]:
     return os.stat(head).st_dev, shutil.disk_usage(head).free
 
 
-def describe_error(err: BaseException) -> str:
-    """A short reason for a failed write: OSError, torch's writer or safetensors."""
-    if isinstance(err, OSError) and err.errno == errno.ENOSPC or "No space left" in str(err) \
-            or "StorageFull" in str(err) or "file write failed" in str(err):
+def describe_error(err: BaseException, path: str | None = None) -> str:
+    """A short reason for a failed write to `path`: OSError, torch's writer or safetensors.
+
+    Torch's zip writer reports a full disk as "unexpected pos ..." or "file write failed", so
+    the free space where `path` lies is asked too.
+    """
+    full = isinstance(err, OSError) and err.errno == errno.ENOSPC or any(
+        s in str(err) for s in ("No space left", "StorageFull", "file write failed"))
+    if not full and path is not None:
+        with contextlib.suppress(OSError):
+            full = free_bytes(path)[1] < (1 << 20)
+    if full:
         return "no space left on the device"
     if isinstance(err, OSError) and err.strerror:
         return err.strerror
@@ -143,8 +151,9 @@ def atomic_dir(path: str):
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     except Exception as err:  # noqa: BLE001 (every writer has its own error type)
+        reason = describe_error(err, tmp)
         shutil.rmtree(tmp, ignore_errors=True)
-        raise UserError(f"could not write {path}: {describe_error(err)}; free some space or fix the path "
+        raise UserError(f"could not write {path}: {reason}; free some space or fix the path "
                         "(what was saved there before is intact)") from None
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)

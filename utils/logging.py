@@ -25,10 +25,26 @@ def quiet_libraries() -> None:
     logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
 
 
+class _Held(logging.Handler):
+    """Holds records until train.log can be opened (the output dir is checked first)."""
+
+    def __init__(self):
+        super().__init__()
+        self.records = []
+
+    def emit(self, record):
+        self.records.append(record)
+
+
 def get_logger(output_dir: str | None = None, main_process: bool = True) -> logging.Logger:
-    """The chatlm logger: INFO on the main process (console and train.log), warnings elsewhere."""
+    """The chatlm logger: INFO on the main process (console and train.log), warnings elsewhere.
+
+    Without `output_dir` the records are also held, and written to train.log by the next call
+    that gives one.
+    """
     quiet_libraries()
     logger = logging.getLogger("chatlm")
+    held = [r for h in logger.handlers if isinstance(h, _Held) for r in h.records]
     logger.handlers.clear()
     logger.propagate = False
     logger.setLevel(logging.INFO if main_process else logging.WARNING)
@@ -40,7 +56,11 @@ def get_logger(output_dir: str | None = None, main_process: bool = True) -> logg
         os.makedirs(output_dir, exist_ok=True)
         file = logging.FileHandler(os.path.join(output_dir, "train.log"), encoding="utf-8")
         file.setFormatter(fmt)
+        for record in held:
+            file.handle(record)
         logger.addHandler(file)
+    elif main_process:
+        logger.addHandler(_Held())
     return logger
 
 
