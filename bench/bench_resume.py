@@ -4,7 +4,8 @@
 
 1. `train.py train` runs one step on the 10M-row file and saves a train state.
 2. That state's data position is moved to 90% of the epoch (each window of the stream is
-   named by arithmetic alone, so the position is a window number and a batch number).
+   named by arithmetic alone, so the position is a window number and a batch number), and
+   its manifest rewritten.
 3. `train.py train --is_keep_training=True` is timed until it logs its first step, beside a
    fresh run's time to its first step on the same file: the difference is the cost of resuming.
 """
@@ -16,7 +17,7 @@ import sys
 
 import fire
 
-from common import DATA_DIR, measure, synthetic, tokenizer
+from common import DATA_DIR, ROOT, measure, synthetic, tokenizer
 
 
 def main(rows: int = 10_000_000, buffer_size: int = 10000, at: float = 0.9):
@@ -29,13 +30,16 @@ def main(rows: int = 10_000_000, buffer_size: int = 10000, at: float = 0.9):
     fresh = measure([sys.executable, "train.py", "train", *flags, "--max_steps=1"], until="step 1/")
     assert fresh["returncode"] == 0, fresh["output"][-3000:]
     state = sorted(glob.glob(f"{out}/state/step_*"))[-1]
-    progress_file = os.path.join(state, "custom_checkpoint_1.pkl")  # registered second: TrainingProgress
     window = int(rows * at) // buffer_size
     # In a child, so that this process stays small (see common.measure).
-    subprocess.run([sys.executable, "-c", f"""import torch
-progress = torch.load({progress_file!r}, weights_only=False)
-progress["positions"] = [{{0: ({window}, 3)}}]
-torch.save(progress, {progress_file!r})"""], check=True)
+    subprocess.run([sys.executable, "-c", f"""import json, os
+import model.checkpoint as ckpt
+path = os.path.join({state!r}, ckpt.STATE_JSON)
+state = json.load(open(path))
+state["data"][0]["positions"] = {{"0": [{window}, 3]}}
+json.dump(state, open(path, "w"))
+os.remove(os.path.join({state!r}, ckpt.MANIFEST))
+ckpt.write_manifest({state!r})"""], check=True, cwd=ROOT)
     resumed = measure([sys.executable, "train.py", "train", *flags, "--is_keep_training=True", "--max_steps=2"],
                       until="step 2/")
     assert resumed["returncode"] == 0, resumed["output"][-3000:]

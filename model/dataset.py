@@ -73,6 +73,19 @@ def shard_slices(pieces: list[Piece], seed: int, epoch: int, shard: int, num_sha
     return out
 
 
+def batches_per_epoch(pieces: list[Piece], shards: range, num_shards: int, buffer_size: int, batch_size: int) -> int:
+    """Batches the shards `shards` read in an epoch, from metadata alone (the same every epoch:
+    a shard's rows and its windows' sizes do not depend on the order of the row groups).
+
+    Exact when no row is empty; empty rows can only make it smaller.
+    """
+    total = 0
+    for shard in shards:
+        rows = sum(p.num_rows * (shard + 1) // num_shards - p.num_rows * shard // num_shards for p in pieces)
+        total += rows // buffer_size * math.ceil(buffer_size / batch_size) + math.ceil(rows % buffer_size / batch_size)
+    return total
+
+
 def release_memory() -> None:
     """Give freed memory back to the system after reading a row group or tokenizing a window.
 
@@ -223,19 +236,6 @@ class TrainStream(IterableDataset):
     def load_state_dict(self, state: dict) -> None:
         self.set_epoch(int(state["epoch"]), {int(s): tuple(p) for s, p in state["positions"].items()},
                        int(state["next_worker"]))
-
-    def batches_per_epoch(self, rank: int | None = None) -> int:
-        """Batches process `rank` (default: this one) reads in an epoch, from metadata alone.
-
-        Exact when no row is empty; empty rows can only make it smaller.
-        """
-        rank = self.rank if rank is None else rank
-        size, total = self.buffer_size, 0
-        for shard in range(rank * self.workers, (rank + 1) * self.workers):
-            rows = sum(p.num_rows * (shard + 1) // self.num_shards - p.num_rows * shard // self.num_shards
-                       for p in self.pieces)
-            total += rows // size * math.ceil(size / self.batch_size) + math.ceil(rows % size / self.batch_size)
-        return total
 
     def shard_of_worker(self, worker: int) -> int:
         return self.rank * self.workers + (worker + self.first_worker) % self.workers

@@ -29,7 +29,8 @@ from transformers.optimization import Adafactor
 import model.checkpoint as ckpt
 from config import T5ModelConfig, TrainConfig
 from model.chat_model import TextToTextModel, get_generation_config, get_t5_config
-from model.dataset import EvalSet, TrainStream, collate, describe, get_eval_loader, get_train_loader
+from model.dataset import (EvalSet, TrainStream, batches_per_epoch, collate, describe, get_eval_loader,
+                           get_pieces, get_train_loader)
 from utils.cli import coerce
 from utils.errors import QuietUserError, UserError
 from utils.files import (atomic_dir, check_data_file, describe_error, expand_files, free_bytes, open_parquet,
@@ -185,6 +186,30 @@ def load_model_for_finetune(path: str, cfg: TrainConfig, tokenizer) -> TextToTex
     return model
 
 
+def check_settings(state: str, saved: dict, now: dict) -> None:
+    """The settings of this run that a resume from `state` cannot change, checked against it."""
+    if "model" in now and saved.get("model") != now["model"]:
+        raise UserError(f"{state} holds a model of shape {saved.get('model')}, this run builds {now['model']}; "
+                        "resume with the --model_size (or --finetune_from_ckp_file) it was trained with")
+    if "vocab" in now and saved.get("vocab") != now["vocab"]:
+        raise UserError(f"{state} was trained with another tokenizer than this run's (the vocabularies differ); "
+                        "resume with the --tokenizer_dir it was trained with")
+    for key in ("is_finetune", "optimizer"):
+        if key in now and saved.get(key) != now[key]:
+            raise UserError(f"{state} was saved with --{key}={saved.get(key)}, this run has {now[key]}; "
+                            f"resume with --{key}={saved.get(key)}")
+    for key in DATA_ORDER_KEYS:
+        if saved.get(key) != now[key]:
+            hint = ("the same number of processes x --num_workers "
+                    f"({saved.get('num_processes')} x {saved.get('num_workers')})") if key == "num_shards" \
+                else f"--{key}={saved.get(key)}"
+            raise UserError(f"{state} was saved with {key}={saved.get(key)}, this run has {now[key]}; "
+                            f"an exact resume needs {hint}")
+    if "rows_per_row_group" in now and saved.get("rows_per_row_group") != now["rows_per_row_group"]:
+        raise UserError(f"the training data differs from the data {state} was trained on (rows per row "
+                        "group changed); resume with the same --train_file, or start a new run")
+
+
 class NonFiniteLoss(UserError):
     """The loss or the gradient norm stayed non-finite for max_bad_steps steps."""
 
@@ -289,7 +314,7 @@ class ChatTrainer:
         self.idle_batch = collate([[self.tokenizer.eos_token_id]], [[self.tokenizer.eos_token_id]])
         self.eval_set = EvalSet(cfg.validation_file, self.tokenizer, cfg.max_seq_len, cfg.max_eval_rows) \
             if cfg.validation_file else None
-        self.total_steps = self.count_total_steps()
+        self.settings = self.state_settings(self.model.config, self.tokenizer, self.stream.pieces)
         self.schedule = get_lr_lambda(self.total_steps, cfg.warmup_steps, cfg.div_factor)
         self.optimizer = get_optimizer(self.model, cfg)
         eval_loader = get_eval_loader(self.eval_set, cfg.batch_size_per_gpu) if self.eval_set else None
@@ -309,37 +334,53 @@ class ChatTrainer:
     def preflight(self) -> str | None:
         """Everything that can be checked before any work, so a mistake costs seconds, not hours.
 
-        Input files readable with usable rows; output, state and tokenizer directories writable;
-        room for a train state and a model; the tokenizer loads and fits a finetune checkpoint;
-        the state to resume from is intact. Returns that state (None for a fresh run).
+        Input files readable with usable rows and enough for a step; output, state and tokenizer
+        directories writable; room for a train state and a model; the tokenizer loads and fits a
+        finetune checkpoint; the state to resume from is intact and fits this run. Returns that
+        state (None for a fresh run).
         """
-        cfg = self.cfg
+        cfg, acc = self.cfg, self.accelerator
         self.train_files = expand_files(cfg.train_file)
         for path in self.train_files:
             check_data_file(path, what="train_file")
         for what in ("validation_file", "test_file"):
             if getattr(cfg, what):
                 check_data_file(getattr(cfg, what), what=what)
+        pieces = get_pieces(self.train_files)
+        self.total_steps = self.count_total_steps(pieces)
         has_tokenizer = os.path.isfile(os.path.join(cfg.tokenizer_dir, "tokenizer.json"))
         tokenizer = load_tokenizer(cfg.tokenizer_dir) if has_tokenizer else None
         if cfg.is_finetune:
             warning = check_finetune_source(cfg.finetune_from_ckp_file, tokenizer, cfg.tokenizer_dir)
             if warning:
                 self.logger.warning(warning)
-        return self.on_main(self.preflight_writes, tokenizer)
+        if cfg.is_keep_training and tokenizer is None:
+            raise UserError(f"no tokenizer in {cfg.tokenizer_dir}: a resume needs the tokenizer its state was "
+                            "trained with; pass --tokenizer_dir")
+        with torch.device("meta"):  # the shape and size of the model, without its memory
+            model = self.new_model(len(tokenizer) if tokenizer is not None else cfg.vocab_size)
+        settings = self.state_settings(model.config, tokenizer, pieces) if tokenizer is not None else None
+        return self.on_main(self.preflight_writes, model, settings)
 
-    def preflight_writes(self, tokenizer) -> str | None:
+    def preflight_writes(self, model, settings: dict | None) -> str | None:
         cfg = self.cfg
         probe_writable(cfg.output_dir, "output_dir")
         probe_writable(cfg.train_state_dir, "train_state_dir")
-        if tokenizer is None:
+        if not os.path.isfile(os.path.join(cfg.tokenizer_dir, "tokenizer.json")):
             probe_writable(cfg.tokenizer_dir, "tokenizer_dir")
-        self.check_free_space(tokenizer)
+        self.check_free_space(model)
         if cfg.is_keep_training:
             path = ckpt.find_resumable(cfg.train_state_dir, cfg.trust_pickled_state, self.logger.warning)
             if path is None:
                 raise UserError(f"no intact train state in {cfg.train_state_dir} to resume from; run without "
                                 "--is_keep_training or point --train_state_dir at one")
+            if ckpt.is_legacy(path):
+                saved = ckpt.load_json(os.path.join(path, "chatlm_state.json"))
+                keys = DATA_ORDER_KEYS + ("is_finetune",)
+                check_settings(path, {k: saved.get(k) for k in keys}, {k: settings[k] for k in keys})
+            else:
+                saved = ckpt.load_json(os.path.join(path, ckpt.STATE_JSON))
+                check_settings(path, saved.get("settings") or {}, settings)
             return path
         states = ckpt.list_states(cfg.train_state_dir)
         if states and not cfg.overwrite:
@@ -364,12 +405,9 @@ class ChatTrainer:
             raise (UserError if acc.is_main_process else QuietUserError)(box[1])
         return box[0]
 
-    def check_free_space(self, tokenizer):
+    def check_free_space(self, model):
         """Room for one more train state and one model directory, from the parameter count."""
         cfg = self.cfg
-        vocab = len(tokenizer) if tokenizer is not None else cfg.vocab_size
-        with torch.device("meta"):
-            model = self.new_model(vocab)
         weights = 4 * sum(p.numel() for p in model.parameters())
         needs = {"train_state_dir": weights + optimizer_state_bytes(model, cfg.optimizer) + (1 << 20),
                  "output_dir": weights + (1 << 20)}
@@ -438,14 +476,16 @@ class ChatTrainer:
                            cfg.dataloader_buffer_size, cfg.seed, acc.process_index, acc.num_processes,
                            cfg.num_workers, keep_in_memory, cfg.group_by_length)
 
-    def count_total_steps(self) -> int:
+    def count_total_steps(self, pieces) -> int:
         """Optimizer steps of the whole run, for the schedule and the progress bar.
 
         Every process steps until the one with the most batches is done; accumulation runs on
         across epoch ends. Exact when no row is empty (empty rows can only make it shorter).
         """
-        cfg, acc = self.cfg, self.accelerator
-        per_epoch = max(self.stream.batches_per_epoch(rank) for rank in range(acc.num_processes))
+        cfg, processes, workers = self.cfg, self.accelerator.num_processes, max(1, self.cfg.num_workers)
+        per_epoch = max(batches_per_epoch(pieces, range(rank * workers, (rank + 1) * workers), processes * workers,
+                                          cfg.dataloader_buffer_size, cfg.batch_size_per_gpu)
+                        for rank in range(processes))
         total = per_epoch * cfg.epochs // cfg.gradient_accumulation_steps
         if total == 0:
             raise UserError(f"the training data gives {per_epoch * cfg.epochs} batches in all, fewer than one "
@@ -454,37 +494,15 @@ class ChatTrainer:
         return min(total, cfg.max_steps) if cfg.max_steps else total
 
     # ---- train states ------------------------------------------------------------------
-    def state_settings(self) -> dict:
+    def state_settings(self, model_config, tokenizer, pieces) -> dict:
         """What a resumed run must share with the run that saved the state."""
-        cfg, shape = self.cfg, self.accelerator.unwrap_model(self.model).config
-        return {"model": {k: getattr(shape, k) for k in MODEL_SHAPE_KEYS}, "vocab": vocab_hash(self.tokenizer),
+        cfg, processes = self.cfg, self.accelerator.num_processes
+        return {"model": {k: getattr(model_config, k) for k in MODEL_SHAPE_KEYS}, "vocab": vocab_hash(tokenizer),
                 "is_finetune": cfg.is_finetune, "optimizer": cfg.optimizer,
-                **{k: getattr(self.stream if k == "num_shards" else cfg, k) for k in DATA_ORDER_KEYS},
-                "rows_per_row_group": [p.num_rows for p in self.stream.pieces],
-                "num_processes": self.accelerator.num_processes, "num_workers": cfg.num_workers}
-
-    def check_settings(self, state: str, saved: dict):
-        now = self.state_settings()
-        if saved.get("model") != now["model"]:
-            raise UserError(f"{state} holds a model of shape {saved.get('model')}, this run builds {now['model']}; "
-                            "resume with the --model_size (or --finetune_from_ckp_file) it was trained with")
-        if saved.get("vocab") != now["vocab"]:
-            raise UserError(f"{state} was trained with another tokenizer than {self.cfg.tokenizer_dir}; "
-                            "resume with the --tokenizer_dir it was trained with")
-        for key in ("is_finetune", "optimizer"):
-            if saved.get(key) != now[key]:
-                raise UserError(f"{state} was saved with --{key}={saved.get(key)}, this run has {now[key]}; "
-                                f"resume with --{key}={saved.get(key)}")
-        for key in DATA_ORDER_KEYS:
-            if saved.get(key) != now[key]:
-                hint = ("the same number of processes x --num_workers "
-                        f"({saved.get('num_processes')} x {saved.get('num_workers')})") if key == "num_shards" \
-                    else f"--{key}={saved.get(key)}"
-                raise UserError(f"{state} was saved with {key}={saved.get(key)}, this run has {now[key]}; "
-                                f"an exact resume needs {hint}")
-        if saved.get("rows_per_row_group") != now["rows_per_row_group"]:
-            raise UserError(f"the training data differs from the data {state} was trained on (rows per row "
-                            "group changed); resume with the same --train_file, or start a new run")
+                **{k: getattr(cfg, k) for k in DATA_ORDER_KEYS if k != "num_shards"},
+                "num_shards": processes * max(1, cfg.num_workers),
+                "rows_per_row_group": [p.num_rows for p in pieces],
+                "num_processes": processes, "num_workers": cfg.num_workers}
 
     def maybe_resume(self):
         path = self.resume_from
@@ -501,8 +519,7 @@ class ChatTrainer:
         acc = self.accelerator
         saved = ckpt.load_json(os.path.join(path, ckpt.STATE_JSON))
         try:
-            settings, data = saved["settings"], saved["data"]
-            self.check_settings(path, settings)
+            data = saved["data"]
             if len(data) != acc.num_processes:
                 raise UserError(f"{path} was saved by {len(data)} processes, this run has {acc.num_processes}; "
                                 "resume with the same number of processes")
@@ -527,13 +544,6 @@ class ChatTrainer:
         """A state of the old format, through Accelerate's pickle loader: only with trust_pickled_state."""
         acc = self.accelerator
         self.logger.warning(f"loading {path} in the old pickle format (--trust_pickled_state=True)")
-        meta = ckpt.load_json(os.path.join(path, "chatlm_state.json"))
-        now = self.state_settings()
-        for key in DATA_ORDER_KEYS + ("is_finetune",):
-            if meta.get(key) != now[key]:
-                raise UserError(f"{path} was saved with {key}={meta.get(key)}, this run has {now[key]}; "
-                                f"resume with the settings it was saved with")
-
         class Receiver:  # takes what Accelerate unpickles for each registered object
             state = None
 
@@ -588,7 +598,7 @@ class ChatTrainer:
                 ckpt.save_model_weights(acc.unwrap_model(self.model), os.path.join(tmp, ckpt.MODEL_FILE))
                 ckpt.save_optimizer(self.optimizer, os.path.join(tmp, ckpt.OPTIMIZER_FILE))
                 ckpt.save_json({"format": ckpt.FORMAT, "step": progress.step, "progress": progress.state_dict(),
-                                "data": data, "settings": self.state_settings(),
+                                "data": data, "settings": self.settings,
                                 "torch_threads": torch.get_num_threads()}, os.path.join(tmp, ckpt.STATE_JSON))
             ckpt.save_rng(os.path.join(tmp, ckpt.rng_file(acc.process_index)))
             error = None

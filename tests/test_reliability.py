@@ -130,7 +130,7 @@ def make_legacy_state(trainer, path, marker=None):
     acc.register_for_checkpointing(Pickled({"last_epoch": trainer.progress.step}),
                                    Pickled(progress if marker is None else {"payload": Payload(marker)}))
     acc.save_state(path)
-    meta = {k: v for k, v in trainer.state_settings().items() if k in
+    meta = {k: v for k, v in trainer.settings.items() if k in
             ("batch_size_per_gpu", "dataloader_buffer_size", "seed", "max_seq_len", "group_by_length", "num_shards",
              "num_processes", "num_workers", "is_finetune")}
     with open(os.path.join(path, "chatlm_state.json"), "w") as f:
@@ -317,6 +317,28 @@ def test_the_step_total_is_the_steps_a_run_makes(tmp_path, data_dir, tokenizer_d
 
 # ---- mistakes before any work --------------------------------------------------------------
 
+class Result:
+    def __init__(self, returncode, stdout, stderr):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def cli(capsys, *argv):
+    """`python train.py ARGV` in this process (no interpreter start-up): exit status and output."""
+    import train as commands
+    from accelerate.state import AcceleratorState, GradientState
+    from utils.cli import run_cli as run
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    capsys.readouterr()
+    try:
+        run(commands.COMMANDS, "train.py", list(argv))
+        code = 0
+    except SystemExit as stop:
+        code = stop.code
+    out = capsys.readouterr()
+    return Result(code, out.out, out.err)
+
+
 def assert_one_line_error(proc, message):
     assert proc.returncode == 2, (message, proc.stdout[-2000:], proc.stderr[-2000:])
     assert proc.stderr.startswith("error: ") and proc.stderr.strip().count("\n") == 0, (message, proc.stderr)
@@ -324,7 +346,7 @@ def assert_one_line_error(proc, message):
     assert "Traceback" not in proc.stdout + proc.stderr
 
 
-def test_mistakes_visible_at_start_up_fail_before_anything_is_written(tmp_path, data_dir, tokenizer_dir):
+def test_mistakes_visible_at_start_up_fail_before_anything_is_written(tmp_path, data_dir, tokenizer_dir, capsys):
     from conftest import demo_rows
     from utils.tokenizer import load_tokenizer, train_tokenizer
     empty = write_rows(tmp_path / "empty.parquet", [], [])
@@ -354,14 +376,17 @@ def test_mistakes_visible_at_start_up_fail_before_anything_is_written(tmp_path, 
     }
     for message, change in cases.items():
         flags = {**tiny_flags(tmp_path / "run", data_dir, tokenizer_dir), **change}
-        proc = run_cli("train.py", "train", *as_args(flags), check=False)
+        proc = cli(capsys, "train", *as_args(flags))
         assert_one_line_error(proc, message)
         assert not os.path.exists(tmp_path / "run"), message  # nothing written, not even the log
     resumed = {**trained, "is_keep_training": True, "tokenizer_dir": str(other)}
-    assert_one_line_error(run_cli("train.py", "train", *as_args(resumed), check=False), "another tokenizer")
+    assert_one_line_error(cli(capsys, "train", *as_args(resumed)), "another tokenizer")
     yaml = tmp_path / "nan.yaml"
     yaml.write_text("learn_rate: .nan\n")
-    assert_one_line_error(run_cli("train.py", "train", f"--config={yaml}", check=False), "finite number")
+    assert_one_line_error(cli(capsys, "train", f"--config={yaml}"), "finite number")
+    # The same through a real process: one line on stderr, exit status 2.
+    assert_one_line_error(run_cli("train.py", "train", *as_args({**tiny_flags(tmp_path / "run", data_dir, tokenizer_dir),
+                                                                 "train_file": empty}), check=False), "has no rows")
 
 
 def test_the_free_space_for_a_state_and_a_model_is_checked_first(tmp_path, data_dir, tokenizer_dir, monkeypatch):
@@ -460,7 +485,7 @@ def test_a_typo_in_a_flag_stops_every_command_before_any_work(tmp_path, data_dir
                                   check=False), "--max_rows must be int")
 
 
-def test_model_directories_and_choices_are_checked_before_answering(tmp_path, one_state, data_dir):
+def test_model_directories_and_choices_are_checked_before_answering(tmp_path, one_state, data_dir, capsys):
     flags, _ = one_state
     final = os.path.join(flags["output_dir"], "final")
     no_weights, no_tokenizer, bad_tokenizer = (tmp_path / n for n in ("no_weights", "no_tokenizer", "bad_tok"))
@@ -480,5 +505,5 @@ def test_model_directories_and_choices_are_checked_before_answering(tmp_path, on
         (["train_tokenizer", f"--files={empty}", f"--output_dir={tmp_path / 'tok'}"], "no text to train"),
     ]
     for args, message in cases:
-        assert_one_line_error(run_cli("train.py", *args, check=False), message)
+        assert_one_line_error(cli(capsys, *args), message)
     assert not os.path.exists(tmp_path / "tok")

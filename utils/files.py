@@ -50,6 +50,8 @@ def expand_files(spec: str | list[str]) -> list[str]:
         if not matches:
             raise UserError(f"no file matches {s!r}; check the path or the glob")
         for m in matches:
+            if os.path.isdir(m):
+                raise UserError(f"{m} is a directory; give parquet files, a list or a glob ('{m}/*.parquet')")
             if not os.path.isfile(m):
                 raise UserError(f"file {m} not found; check the path")
             files.append(m)
