@@ -61,7 +61,7 @@ class TrainConfig:
     model_size: str = "small"  # a preset of T5ModelConfig: tiny or small
     is_finetune: bool = False  # load finetune_from_ckp_file, freeze embedding and encoder
     finetune_from_ckp_file: str = ""  # a saved model directory or a .safetensors file
-    is_keep_training: bool = False  # resume from the latest intact state in train_state_dir
+    is_keep_training: bool | str = False  # resume from the latest intact state; auto: resume if there is one
     trust_pickled_state: bool = False  # resume from a state in the old pickle format (it can run code: only your own)
     overwrite: bool = False  # a fresh run may replace the states already in train_state_dir
 
@@ -134,6 +134,8 @@ def validate(cfg: TrainConfig) -> None:
             raise UserError(f"--{f.name} must be a finite number, got {value}")
     if cfg.vocab_size < 16:
         raise UserError(f"--vocab_size must be at least 16, got {cfg.vocab_size}")
+    if cfg.is_keep_training not in (True, False, "auto"):
+        raise UserError(f"--is_keep_training must be True, False or auto, got {cfg.is_keep_training!r}")
     if cfg.is_finetune and not cfg.finetune_from_ckp_file:
         raise UserError("--is_finetune=True needs --finetune_from_ckp_file=DIR_OR_FILE (a trained model)")
     if not cfg.train_file:

@@ -354,7 +354,7 @@ class ChatTrainer:
             warning = check_finetune_source(cfg.finetune_from_ckp_file, tokenizer, cfg.tokenizer_dir)
             if warning:
                 self.logger.warning(warning)
-        if cfg.is_keep_training and tokenizer is None:
+        if cfg.is_keep_training is True and tokenizer is None:
             raise UserError(f"no tokenizer in {cfg.tokenizer_dir}: a resume needs the tokenizer its state was "
                             "trained with; pass --tokenizer_dir")
         with torch.device("meta"):  # the shape and size of the model, without its memory
@@ -369,11 +369,18 @@ class ChatTrainer:
         if not os.path.isfile(os.path.join(cfg.tokenizer_dir, "tokenizer.json")):
             probe_writable(cfg.tokenizer_dir, "tokenizer_dir")
         self.check_free_space(model)
+        path = None
         if cfg.is_keep_training:
             path = ckpt.find_resumable(cfg.train_state_dir, cfg.trust_pickled_state, self.logger.warning)
-            if path is None:
+            if path is None and cfg.is_keep_training == "auto":
+                self.logger.info(f"no train state in {cfg.train_state_dir}: starting a new run (--is_keep_training=auto)")
+            elif path is None:
                 raise UserError(f"no intact train state in {cfg.train_state_dir} to resume from; run without "
-                                "--is_keep_training or point --train_state_dir at one")
+                                "--is_keep_training (or with --is_keep_training=auto) or point --train_state_dir at one")
+            elif settings is None:
+                raise UserError(f"no tokenizer in {cfg.tokenizer_dir}: a resume needs the tokenizer its state was "
+                                "trained with; pass --tokenizer_dir")
+        if path is not None:
             if ckpt.is_legacy(path):
                 saved = ckpt.load_json(os.path.join(path, "chatlm_state.json"))
                 keys = DATA_ORDER_KEYS + ("is_finetune",)
@@ -525,6 +532,9 @@ class ChatTrainer:
                                 "resume with the same number of processes")
             self.progress.load_state_dict(saved["progress"])
             self.stream.load_state_dict(data[acc.process_index])
+            if acc.scaler is not None and saved.get("scaler"):
+                acc.scaler.load_state_dict({k: v for k, v in saved["scaler"].items()
+                                            if isinstance(v, (int, float)) and not isinstance(v, bool)})
         except (KeyError, TypeError, ValueError, AttributeError) as err:
             if isinstance(err, UserError):
                 raise
@@ -599,6 +609,8 @@ class ChatTrainer:
                 ckpt.save_optimizer(self.optimizer, os.path.join(tmp, ckpt.OPTIMIZER_FILE))
                 ckpt.save_json({"format": ckpt.FORMAT, "step": progress.step, "progress": progress.state_dict(),
                                 "data": data, "settings": self.settings,
+                                # fp16's loss scale: numbers only
+                                "scaler": acc.scaler.state_dict() if acc.scaler is not None else None,
                                 "torch_threads": torch.get_num_threads()}, os.path.join(tmp, ckpt.STATE_JSON))
             ckpt.save_rng(os.path.join(tmp, ckpt.rng_file(acc.process_index)))
             error = None
@@ -651,7 +663,7 @@ class ChatTrainer:
     def train(self) -> TrainingProgress:
         self.build()
         cfg, acc, progress = self.cfg, self.accelerator, self.progress
-        if cfg.overwrite and not cfg.is_keep_training and acc.is_main_process:
+        if cfg.overwrite and self.resume_from is None and acc.is_main_process:
             for old in ckpt.list_all(cfg.train_state_dir):
                 shutil.rmtree(old, ignore_errors=True)
         self.stop = StopRequest(self.logger)

@@ -507,3 +507,19 @@ def test_model_directories_and_choices_are_checked_before_answering(tmp_path, on
     for args, message in cases:
         assert_one_line_error(cli(capsys, *args), message)
     assert not os.path.exists(tmp_path / "tok")
+
+
+def test_auto_resume_starts_fresh_then_resumes_with_the_same_command(tmp_path, data_dir, tokenizer_dir):
+    straight = tiny_flags(tmp_path / "a", data_dir, tokenizer_dir, max_steps=6, save_steps=2, validation_file="")
+    expected = weights(train(straight).cfg.output_dir)
+    flags = tiny_flags(tmp_path / "b", data_dir, tokenizer_dir, max_steps=6, save_steps=2, validation_file="",
+                       is_keep_training="auto")
+    os.makedirs(os.path.join(flags["train_state_dir"], "step_00000002.tmp"))  # a save killed at once: no state
+    StopAt.step, StopAt.in_final_saves = 3, False
+    first = train(flags, StopAt)
+    assert first.resume_from is None and first.progress.step == 3
+    again = train(flags)
+    assert again.resume_from.endswith("step_00000003") and again.progress.step == 6
+    assert max_difference(weights(flags["output_dir"]), expected) == 0.0
+    with pytest.raises(UserError, match="must be True, False or auto"):
+        load_config(is_keep_training="sometimes")

@@ -159,8 +159,7 @@ def split_flags(args: list[str], flags: list[Flag]) -> tuple[list, dict]:
         key, has_value, value = arg.lstrip("-").partition("=")
         key = key.replace("-", "_")
         next_is_value = i + 1 < len(args) and not args[i + 1].startswith("--")
-        if key not in known and key.startswith("no") and known.get(key[2:], Flag("")).type is bool \
-                and not has_value:
+        if key not in known and key.startswith("no") and is_bool(known.get(key[2:], Flag(""))) and not has_value:
             named[key[2:]] = "False"
             i += 1
             continue
@@ -168,7 +167,7 @@ def split_flags(args: list[str], flags: list[Flag]) -> tuple[list, dict]:
             raise UserError(unknown_flag_message(key, list(known)))
         if has_value:
             named[key] = value
-        elif known[key].type is bool and not (next_is_value and args[i + 1].lower() in ("true", "false")):
+        elif is_bool(known[key]) and not (next_is_value and args[i + 1].lower() in ("true", "false", "auto")):
             named[key] = "True"
         elif next_is_value:
             named[key] = args[i + 1]
@@ -177,6 +176,10 @@ def split_flags(args: list[str], flags: list[Flag]) -> tuple[list, dict]:
             raise UserError(f"--{key} needs a value: --{key}=VALUE")
         i += 1
     return positional, named
+
+
+def is_bool(flag: Flag) -> bool:
+    return flag.type is bool or bool in typing.get_args(flag.type)
 
 
 def unknown_flag_message(key: str, valid: list[str]) -> str:
