@@ -57,10 +57,22 @@ class TrainConfig:
     vocab_size: int = 29298  # for a tokenizer trained by `train`
     max_seq_len: int = 256  # tokens per text, [EOS] included; longer texts are truncated
 
-    # Model and modes.
+    # Model and modes: an objective, where to start, what trains.
     model_size: str = "small"  # a preset of T5ModelConfig: tiny or small
-    is_finetune: bool = False  # load finetune_from_ckp_file, freeze embedding and encoder
-    finetune_from_ckp_file: str = ""  # a saved model directory or a .safetensors file
+    objective: str = "seq2seq"  # seq2seq (prompt -> response) or dpo (prompt, chosen, rejected)
+    init_from: str = ""  # a model directory or .safetensors to start from; the reference of dpo and kl_beta
+    trainable: str = "all"  # all, decoder (shared embedding and encoder frozen) or lora (peft adapters only)
+    is_finetune: bool = False  # the old flag: means --init_from=finetune_from_ckp_file --trainable=decoder
+    finetune_from_ckp_file: str = ""  # a saved model directory or a .safetensors file (with is_finetune)
+    lora_r: int = 16  # rank of the LoRA adapters
+    lora_alpha: float = 32.0  # LoRA scale numerator: updates are scaled by lora_alpha / lora_r
+    lora_dropout: float = 0.05  # dropout on the adapters' input
+    lora_target_modules: str | list[str] = "q,k,v,o,wi,wo"  # T5 linear layers that get adapters
+    dpo_beta: float = 0.1  # DPO: strength of the pull to the reference (higher: closer)
+    dpo_loss: str = "sigmoid"  # DPO loss: sigmoid (Rafailov et al.), ipo or hinge
+    dpo_label_smoothing: float = 0.0  # DPO sigmoid loss: assumed share of flipped preference labels
+    kl_beta: float = 0.0  # seq2seq: weight of KL(policy || init_from) per response token; 0: off
+    best_metric: str = ""  # metric that picks best/: "" = bleu4 (seq2seq) or rewards/accuracy (dpo)
     is_keep_training: bool | str = False  # resume from the latest intact state; auto: resume if there is one
     trust_pickled_state: bool = False  # resume from a state in the old pickle format (it can run code: only your own)
     overwrite: bool = False  # a fresh run may replace the states already in train_state_dir
@@ -101,10 +113,33 @@ class TrainConfig:
     output_dir: str = "./model_save"  # models (best/, final/), train.log, TensorBoard
 
     def __post_init__(self):
+        if isinstance(self.lora_target_modules, str):
+            object.__setattr__(self, "lora_target_modules",
+                               [m.strip() for m in self.lora_target_modules.split(",") if m.strip()])
         validate(self)
+
+    # The old finetune flags are mapped here, once: --is_finetune=True --finetune_from_ckp_file=X
+    # means start from X and train the decoder. The trainer reads only these two.
+    @property
+    def start_from(self) -> str:
+        """The model training starts from ("" for a new one)."""
+        return self.init_from or (self.finetune_from_ckp_file if self.is_finetune else "")
+
+    @property
+    def trains(self) -> str:
+        """What trains: all, decoder or lora."""
+        return "decoder" if self.is_finetune and self.trainable == "all" else self.trainable
+
+    @property
+    def best(self) -> str:
+        """The metric that picks best/."""
+        return self.best_metric or ("rewards/accuracy" if self.objective == "dpo" else "bleu4")
 
 
 CHOICES = {
+    "objective": ("seq2seq", "dpo"),
+    "trainable": ("all", "decoder", "lora"),
+    "dpo_loss": ("sigmoid", "ipo", "hinge"),
     "optimizer": ("adamw", "adafactor"),
     "mixed_precision": ("auto", "no", "bf16", "fp16"),
     "log_with": ("tensorboard", "none"),
@@ -112,9 +147,13 @@ CHOICES = {
 }
 POSITIVE = ("epochs", "batch_size_per_gpu", "gradient_accumulation_steps", "learn_rate", "div_factor",
             "vocab_size", "max_seq_len", "dataloader_buffer_size", "logging_steps", "save_steps",
-            "keep_latest_n_ckp", "max_eval_rows", "max_bad_steps")
+            "keep_latest_n_ckp", "max_eval_rows", "max_bad_steps", "lora_r", "lora_alpha", "dpo_beta")
 NON_NEGATIVE = ("max_steps", "warmup_steps", "weight_decay", "max_grad_norm", "num_workers", "eval_steps",
-                "empty_cache_steps")
+                "empty_cache_steps", "kl_beta", "lora_dropout", "dpo_label_smoothing")
+# Metrics an evaluation reports, per objective (exact_match/<task> too, for a file with a task column).
+EVAL_METRICS = {"seq2seq": ("loss", "perplexity", "bleu4", "exact_match", "kl"),
+                "dpo": ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin", "bleu4",
+                        "exact_match")}
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -138,6 +177,26 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError(f"--is_keep_training must be True, False or auto, got {cfg.is_keep_training!r}")
     if cfg.is_finetune and not cfg.finetune_from_ckp_file:
         raise UserError("--is_finetune=True needs --finetune_from_ckp_file=DIR_OR_FILE (a trained model)")
+    if cfg.is_finetune and cfg.trainable == "lora":
+        raise UserError("--is_finetune=True trains the decoder, not LoRA adapters; for LoRA give "
+                        "--init_from=DIR --trainable=lora instead")
+    if cfg.is_finetune and cfg.init_from and cfg.init_from != cfg.finetune_from_ckp_file:
+        raise UserError("give either --init_from or --is_finetune with --finetune_from_ckp_file, not both")
+    if cfg.objective == "dpo" and not cfg.start_from:
+        raise UserError("--objective=dpo needs --init_from=DIR (the model to improve, e.g. model_save/best): "
+                        "it is also the reference")
+    if cfg.kl_beta and not cfg.start_from:
+        raise UserError("--kl_beta needs --init_from=DIR: the KL is taken to the model training starts from")
+    if cfg.kl_beta and cfg.objective != "seq2seq":
+        raise UserError("--kl_beta is for --objective=seq2seq; DPO keeps to its reference through --dpo_beta")
+    if cfg.trainable == "lora" and not cfg.lora_target_modules:
+        raise UserError("--lora_target_modules is empty; name the layers that get adapters (e.g. q,k,v,o,wi,wo)")
+    if not 0 <= cfg.lora_dropout < 1 or not 0 <= cfg.dpo_label_smoothing < 0.5:
+        raise UserError("--lora_dropout must be in [0, 1) and --dpo_label_smoothing in [0, 0.5)")
+    base = cfg.best.split("/")[0] if cfg.best.startswith("exact_match/") else cfg.best
+    if base not in EVAL_METRICS[cfg.objective]:
+        raise UserError(f"--best_metric={cfg.best_metric!r} is not reported by --objective={cfg.objective}; "
+                        f"choose one of {', '.join(EVAL_METRICS[cfg.objective])} (or exact_match/TASK)")
     if not cfg.train_file:
         raise UserError("--train_file is empty; give a parquet file, a list of files or a glob")
 

@@ -76,7 +76,7 @@ def evaluate(model_dir: str, test_file: str, max_rows: int = 10**9, batch_size: 
     from accelerate import Accelerator
 
     from model.infer import ChatBot
-    from model.trainer import score_file
+    from model.evaluation import score_file
     from utils.files import check_data_file
     from utils.logging import get_logger
     check_data_file(test_file, what="test_file")

@@ -28,9 +28,8 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from utils.files import TEXT_COLUMNS, expand_files, open_parquet
-
-LABEL_PAD = -100  # ignored by the loss
+from model.objectives import LABEL_PAD, Seq2Seq
+from utils.files import expand_files, open_parquet
 
 
 @dataclasses.dataclass(frozen=True)
@@ -46,7 +45,7 @@ class Piece:
 def get_pieces(files: list[str]) -> list[Piece]:
     pieces, offset = [], 0
     for i, path in enumerate(files):
-        meta, file_row = open_parquet(path).metadata, 0
+        meta, file_row = open_parquet(path, columns=()).metadata, 0
         for rg in range(meta.num_row_groups):
             n = meta.row_group(rg).num_rows
             if n:
@@ -58,7 +57,7 @@ def get_pieces(files: list[str]) -> list[Piece]:
 
 def count_rows(spec) -> int:
     """Rows in the parquet files of `spec`, from metadata alone."""
-    return sum(open_parquet(f).metadata.num_rows for f in expand_files(spec))
+    return sum(open_parquet(f, columns=()).metadata.num_rows for f in expand_files(spec))
 
 
 def shard_slices(pieces: list[Piece], seed: int, epoch: int, shard: int, num_shards: int):
@@ -138,9 +137,9 @@ def encode(tokenizer, texts: list[str], max_seq_len: int, chunk: int = 1024) -> 
     return Ragged(np.concatenate(ids) if ids else np.zeros(0, np.int32), np.array(lengths, dtype=np.int64))
 
 
-def non_empty(prompts: list, responses: list) -> np.ndarray:
-    return np.array([bool(p and p.strip()) and bool(r and r.strip()) for p, r in zip(prompts, responses)],
-                    dtype=bool)
+def non_empty(*columns: list) -> np.ndarray:
+    """Rows whose every text is non-null and not only whitespace."""
+    return np.array([all(t and t.strip() for t in texts) for texts in zip(*columns)], dtype=bool)
 
 
 def random_batches(n: int, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
@@ -171,15 +170,7 @@ def length_grouped_batches(prompt_lens: np.ndarray, response_lens: np.ndarray, b
 
 def collate(examples_input: list, examples_labels: list) -> dict:
     """Pad to the batch's longest: pad id 0 for inputs, -100 for labels (ignored by the loss)."""
-    n, src_len, tgt_len = len(examples_input), max(map(len, examples_input)), max(map(len, examples_labels))
-    input_ids = torch.zeros((n, src_len), dtype=torch.long)
-    attention_mask = torch.zeros((n, src_len), dtype=torch.long)
-    labels = torch.full((n, tgt_len), LABEL_PAD, dtype=torch.long)
-    for i, (src, tgt) in enumerate(zip(examples_input, examples_labels)):
-        input_ids[i, :len(src)] = torch.as_tensor(src)
-        attention_mask[i, :len(src)] = 1
-        labels[i, :len(tgt)] = torch.as_tensor(tgt)
-    return {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    return Seq2Seq().collate({"prompt": examples_input, "response": examples_labels})
 
 
 class TrainStream(IterableDataset):
@@ -192,15 +183,21 @@ class TrainStream(IterableDataset):
 
     def __init__(self, files: list[str], tokenizer, batch_size: int, max_seq_len: int, buffer_size: int,
                  seed: int, rank: int = 0, world_size: int = 1, num_workers: int = 0,
-                 keep_in_memory: bool = False, group_by_length: bool = True):
+                 keep_in_memory: bool = False, group_by_length: bool = True, objective=None):
+        # The objective names the text columns (the first is the encoder's input) and pads a
+        # batch of their token ids; the stream reads, shards, groups and resumes any of them alike.
+        self.objective = objective or Seq2Seq()
+        self.columns = tuple(self.objective.columns)
         self.files, self.tokenizer = files, tokenizer
         self.batch_size, self.max_seq_len, self.buffer_size = batch_size, max_seq_len, buffer_size
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.group_by_length = group_by_length
         self.workers = max(1, num_workers)
+        for path in files:
+            open_parquet(path, self.columns)  # a missing or non-string column fails now, naming what is there
         self.pieces = get_pieces(files)
         # Held in memory, the table is shared with the DataLoader workers by fork.
-        self.tables = [pq.read_table(f, columns=list(TEXT_COLUMNS)) for f in files] if keep_in_memory else None
+        self.tables = [pq.read_table(f, columns=list(self.columns)) for f in files] if keep_in_memory else None
         self._open: dict[int, pq.ParquetFile] = {}
         self.set_epoch(0)
 
@@ -248,27 +245,27 @@ class TrainStream(IterableDataset):
         window, done = self.positions.get(shard, (0, 0))
         skipped = 0  # empty rows not yet reported; a resumed window's were reported before
         held = None  # each batch waits for the next, so the shard's last one can carry trailing empties
-        for k, prompts, responses, rows in self.windows(shard, window):
-            keep = non_empty(prompts, responses)
+        for k, texts, rows in self.windows(shard, window):
+            keep = non_empty(*texts.values())
             if not (k == window and done):
                 skipped += int((~keep).sum())
             if not keep.any():
                 continue
-            prompts = [p for p, m in zip(prompts, keep) if m]
-            responses = [r for r, m in zip(responses, keep) if m]
+            ids = {c: encode(self.tokenizer, [t for t, m in zip(v, keep) if m], self.max_seq_len)
+                   for c, v in texts.items()}
             rows = rows[keep]
-            src, tgt = encode(self.tokenizer, prompts, self.max_seq_len), encode(self.tokenizer, responses,
-                                                                                  self.max_seq_len)
             release_memory()
             rng = np.random.default_rng([self.seed, self.epoch, shard, k])
+            prompt_lens = ids[self.columns[0]].lengths
+            target_lens = np.max([ids[c].lengths for c in self.columns[1:]], axis=0)
             if self.group_by_length:
-                batches = length_grouped_batches(src.lengths, tgt.lengths, self.batch_size, rng)
+                batches = length_grouped_batches(prompt_lens, target_lens, self.batch_size, rng)
             else:
-                batches = random_batches(len(src), self.batch_size, rng)
+                batches = random_batches(len(rows), self.batch_size, rng)
             for j, idx in enumerate(batches):
                 if k == window and j < done:
                     continue
-                batch = collate([src[i] for i in idx], [tgt[i] for i in idx])
+                batch = self.objective.collate({c: [ids[c][i] for i in idx] for c in self.columns})
                 batch["row_index"] = torch.from_numpy(rows[idx])
                 batch["position"] = (shard, k, j + 1)
                 batch["skipped"], skipped = skipped, 0
@@ -280,7 +277,7 @@ class TrainStream(IterableDataset):
             yield held
 
     def windows(self, shard: int, first_window: int):
-        """Yield (k, prompts, responses, global row indices) for windows k >= first_window.
+        """Yield (k, {column: texts}, global row indices) for windows k >= first_window.
 
         Windows before `first_window` are skipped by arithmetic on row counts: nothing is read.
         """
@@ -313,20 +310,18 @@ class TrainStream(IterableDataset):
         else:
             pf = self._open.get(piece.file)
             if pf is None:
-                pf = self._open[piece.file] = open_parquet(self.files[piece.file])
+                pf = self._open[piece.file] = open_parquet(self.files[piece.file], self.columns)
             # Batch by batch on one thread: decoding a whole row group at once peaks at about
             # five times its size. Then hand the decode buffers back to the system.
             table = pa.Table.from_batches(list(pf.iter_batches(
-                batch_size=8192, row_groups=[piece.row_group], columns=list(TEXT_COLUMNS),
+                batch_size=8192, row_groups=[piece.row_group], columns=list(self.columns),
                 use_threads=False))).slice(lo, hi - lo)
             release_memory()
         index = pa.array(np.arange(piece.first_row + lo, piece.first_row + hi, dtype=np.int64))
         return table.append_column("row_index", index)
 
-    @staticmethod
-    def _columns(table: pa.Table):
-        return (table.column("prompt").to_pylist(), table.column("response").to_pylist(),
-                table.column("row_index").to_numpy())
+    def _columns(self, table: pa.Table):
+        return {c: table.column(c).to_pylist() for c in self.columns}, table.column("row_index").to_numpy()
 
 
 def _ignore_signals(_worker_id: int) -> None:
@@ -346,47 +341,57 @@ def get_train_loader(stream: TrainStream, num_workers: int, pin_memory: bool = F
 
 
 class EvalSet(Dataset):
-    """The first `max_rows` non-empty rows of a file, tokenized, shortest first."""
+    """The first `max_rows` rows of a file whose texts are all non-empty, tokenized, shortest first.
 
-    def __init__(self, path: str, tokenizer, max_seq_len: int, max_rows: int, columns=TEXT_COLUMNS):
+    The objective names the text columns; `extra` columns (a `task` to group the report by)
+    are kept as they are when the file has them.
+    """
+
+    def __init__(self, path: str, tokenizer, max_seq_len: int, max_rows: int, objective=None,
+                 extra: tuple = ("task",)):
+        self.objective = objective or Seq2Seq()
+        columns = tuple(self.objective.columns)
         pf = open_parquet(path, columns)
-        prompts, responses, extra, self.skipped = [], [], {c: [] for c in columns[2:]}, 0
-        for batch in pf.iter_batches(batch_size=4096, columns=list(columns)):
-            p, r = batch.column("prompt").to_pylist(), batch.column("response").to_pylist()
-            keep = non_empty(p, r)
+        extra = [c for c in extra if c in pf.schema_arrow.names and c not in columns]
+        texts, self.extra, self.skipped = {c: [] for c in columns}, {c: [] for c in extra}, 0
+        for batch in pf.iter_batches(batch_size=4096, columns=list(columns) + extra):
+            values = {c: batch.column(c).to_pylist() for c in columns + tuple(extra)}
+            keep = non_empty(*(values[c] for c in columns))
             self.skipped += int((~keep).sum())
-            prompts += [x for x, m in zip(p, keep) if m]
-            responses += [x for x, m in zip(r, keep) if m]
-            for c in extra:
-                extra[c] += [x for x, m in zip(batch.column(c).to_pylist(), keep) if m]
-            if len(prompts) >= max_rows:
+            for c, store in (*texts.items(), *self.extra.items()):
+                store += [x for x, m in zip(values[c], keep) if m]
+            if len(texts[columns[0]]) >= max_rows:
                 break
-        self.prompts, self.responses = prompts[:max_rows], responses[:max_rows]
-        self.extra = {c: v[:max_rows] for c, v in extra.items()}
-        self.src = encode(tokenizer, self.prompts, max_seq_len)
-        self.tgt = encode(tokenizer, self.responses, max_seq_len)
-        self.order = np.lexsort((self.tgt.lengths, self.src.lengths)).tolist()  # shortest first
+        self.texts = {c: v[:max_rows] for c, v in texts.items()}
+        self.extra = {c: v[:max_rows] for c, v in self.extra.items()}
+        self.ids = {c: encode(tokenizer, v, max_seq_len) for c, v in self.texts.items()}
+        target_lens = np.max([self.ids[c].lengths for c in columns[1:]], axis=0)
+        self.order = np.lexsort((target_lens, self.ids[columns[0]].lengths)).tolist()  # shortest first
+
+    @property
+    def prompts(self) -> list[str]:
+        return self.texts[self.objective.columns[0]]
+
+    @property
+    def responses(self) -> list[str]:
+        """The texts greedy answers are compared with (response, or chosen for DPO)."""
+        return self.texts[self.objective.target]
 
     def __len__(self) -> int:
-        return len(self.src)
+        return len(self.order)
 
-    def __getitem__(self, i: int) -> tuple[list[int], list[int], int]:
-        j = self.order[i]
-        return self.src[j], self.tgt[j], j
+    def __getitem__(self, i: int) -> int:
+        return self.order[i]
 
-    def columns(self) -> list[str]:
-        return ["prompt", "response", *self.extra]
-
-
-def collate_rows(rows: list[tuple[list[int], list[int], int]]) -> dict:
-    """Pad a batch of evaluation rows; `index` says which row of the EvalSet each one is."""
-    batch = collate([r[0] for r in rows], [r[1] for r in rows])
-    batch["index"] = torch.tensor([r[2] for r in rows])
-    return batch
+    def collate(self, rows: list[int]) -> dict:
+        """Pad a batch of rows; `index` says which row of the EvalSet each one is."""
+        batch = self.objective.collate({c: [self.ids[c][j] for j in rows] for c in self.ids})
+        batch["index"] = torch.tensor(rows)
+        return batch
 
 
 def get_eval_loader(dataset: EvalSet, batch_size: int) -> DataLoader:
-    return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=collate_rows)
+    return DataLoader(dataset, batch_size=batch_size, shuffle=False, collate_fn=dataset.collate)
 
 
 def describe(files: list[str]) -> str:

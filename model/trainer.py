@@ -4,7 +4,9 @@ Order of a run: accelerator -> pre-flight checks -> tokenizer -> data -> model -
 -> resume -> loop -> finish (last evaluation, train state, final/, test report).
 The loop is forward, backward, step, then maybe_log / maybe_evaluate / maybe_save.
 """
+import copy
 import dataclasses
+import functools
 import hashlib
 import json
 import math
@@ -17,10 +19,10 @@ import typing
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from accelerate import Accelerator
 from accelerate.utils import GradientAccumulationPlugin, broadcast_object_list, gather_object, set_seed
 from safetensors import SafetensorError
+from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
 from tqdm.auto import tqdm
 from transformers import T5Config
@@ -29,14 +31,14 @@ from transformers.optimization import Adafactor
 import model.checkpoint as ckpt
 from config import T5ModelConfig, TrainConfig
 from model.chat_model import TextToTextModel, get_generation_config, get_t5_config
-from model.dataset import (EvalSet, TrainStream, batches_per_epoch, collate, describe, get_eval_loader,
-                           get_pieces, get_train_loader)
+from model.dataset import EvalSet, TrainStream, batches_per_epoch, describe, get_eval_loader, get_pieces, get_train_loader
+from model.evaluation import evaluate, is_better, score_file
+from model.objectives import Reference, get_objective
 from utils.cli import coerce
 from utils.errors import QuietUserError, UserError
-from utils.files import (atomic_dir, check_data_file, describe_error, expand_files, free_bytes, open_parquet,
+from utils.files import (atomic_dir, check_data_file, describe_error, expand_files, free_bytes,
                          probe_writable)
 from utils.logging import MetricsLog, get_logger, memory_usage
-from utils.metrics import bleu4, exact_match_by_group
 from utils.tokenizer import load_tokenizer, train_tokenizer
 
 # Settings that decide which rows form which batch: a resume must keep them.
@@ -54,7 +56,7 @@ class TrainingProgress:
     samples: int = 0
     tokens: int = 0  # non-pad tokens, prompts and responses, all processes
     rows_skipped: int = 0  # empty prompt/response rows dropped by the data stream
-    best_score: float | None = None  # validation BLEU-4 of best/
+    best_score: float | None = None  # best_metric of best/
     best_step: int = -1
     last_eval_step: int = -1
 
@@ -115,6 +117,15 @@ def resolve_mixed_precision(value: str) -> str:
     return "bf16" if torch.cuda.is_available() and torch.cuda.is_bf16_supported() else "no"
 
 
+@functools.lru_cache(maxsize=4)
+def weights_hash(path: str) -> str | None:
+    """sha256 of the weights a run starts from (None for a new model)."""
+    if not path:
+        return None
+    file = os.path.join(path, "model.safetensors") if os.path.isdir(path) else path
+    return ckpt.sha256(file) if os.path.isfile(file) else None
+
+
 def vocab_hash(tokenizer) -> str:
     return hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()[:16]
 
@@ -125,16 +136,16 @@ def freeze_for_finetune(model: TextToTextModel) -> None:
     model.encoder.requires_grad_(False)
 
 
-def check_finetune_source(path: str, tokenizer, tokenizer_dir: str) -> str | None:
+def check_finetune_source(path: str, tokenizer, tokenizer_dir: str, flag: str = "--init_from") -> str | None:
     """The checkpoint exists, holds weights, and was trained with this tokenizer's vocabulary.
 
     Returns a warning when there is no tokenizer beside a .safetensors file to compare with."""
     if os.path.isdir(path):
         if not os.path.isfile(os.path.join(path, "config.json")):
             raise UserError(f"{path} holds no saved model (config.json missing); "
-                            "point --finetune_from_ckp_file at a directory written by `train`")
+                            f"point {flag} at a directory written by `train`")
         if not os.path.isfile(os.path.join(path, "model.safetensors")):
-            raise UserError(f"{path} has no model.safetensors; point --finetune_from_ckp_file at a directory "
+            raise UserError(f"{path} has no model.safetensors; point {flag} at a directory "
                             "written by `train` (best/ or final/)")
         source_dir = path
     elif os.path.isfile(path):
@@ -143,7 +154,7 @@ def check_finetune_source(path: str, tokenizer, tokenizer_dir: str) -> str | Non
                             "give the directory a previous `train` saved (e.g. model_save/best)")
         source_dir = os.path.dirname(path) or "."
     else:
-        raise UserError(f"--finetune_from_ckp_file={path} not found; give a model directory written by `train`")
+        raise UserError(f"{flag}={path} not found; give a model directory written by `train`")
     has_tokenizer = os.path.isfile(os.path.join(source_dir, "tokenizer.json"))
     if tokenizer is None:
         raise UserError(f"no tokenizer in {tokenizer_dir}: a finetune needs the tokenizer its checkpoint was "
@@ -157,15 +168,16 @@ def check_finetune_source(path: str, tokenizer, tokenizer_dir: str) -> str | Non
     return None
 
 
-def load_model_for_finetune(path: str, cfg: TrainConfig, tokenizer) -> TextToTextModel:
-    """A saved model directory, or a .safetensors state dict for the model_size preset."""
+def load_start_model(path: str, cfg: TrainConfig, tokenizer) -> TextToTextModel:
+    """The model to start from: a saved model directory, or a .safetensors state dict for the
+    model_size preset."""
     vocab_size = len(tokenizer)
     if os.path.isdir(path):
         try:
             model = TextToTextModel.from_pretrained(path)
         except (OSError, ValueError, SafetensorError) as err:
             raise UserError(f"cannot load the model in {path} ({describe_error(err)}); "
-                            "point --finetune_from_ckp_file at a directory written by `train`") from None
+                            "point --init_from at a directory written by `train`") from None
     else:
         model = TextToTextModel(get_t5_config(T5ModelConfig.preset(cfg.model_size), vocab_size))
         try:
@@ -190,11 +202,15 @@ def check_settings(state: str, saved: dict, now: dict) -> None:
     """The settings of this run that a resume from `state` cannot change, checked against it."""
     if "model" in now and saved.get("model") != now["model"]:
         raise UserError(f"{state} holds a model of shape {saved.get('model')}, this run builds {now['model']}; "
-                        "resume with the --model_size (or --finetune_from_ckp_file) it was trained with")
+                        "resume with the --model_size (or --init_from) it was trained with")
     if "vocab" in now and saved.get("vocab") != now["vocab"]:
         raise UserError(f"{state} was trained with another tokenizer than this run's (the vocabularies differ); "
                         "resume with the --tokenizer_dir it was trained with")
-    for key in ("is_finetune", "optimizer"):
+    if "init_from" in now and (saved.get("init_from") or {}).get("sha256") != now["init_from"]["sha256"]:
+        raise UserError(f"{state} started from {(saved.get('init_from') or {}).get('path') or 'a new model'}, "
+                        f"this run from {now['init_from']['path'] or 'a new model'} (other weights); resume with "
+                        "the --init_from it started from")
+    for key in ("objective", "trainable", "lora", "optimizer"):
         if key in now and saved.get(key) != now[key]:
             raise UserError(f"{state} was saved with --{key}={saved.get(key)}, this run has {now[key]}; "
                             f"resume with --{key}={saved.get(key)}")
@@ -235,40 +251,46 @@ class StopRequest:
 class Meters:
     """The run's sums since the last log line, in one place.
 
-    Each process adds its batches here; `flush` sums every process's share in one collective
-    (loss on the device so the loop never waits for it, counts on the host).
+    Each process adds its batches' counts and the objective's metrics here; `flush` sums every
+    process's share in one collective (metrics stay on the device, so the loop never waits for
+    them). The metric names are fixed by the objective, so every process sends the same vector.
     """
 
-    def __init__(self, device):
-        self.device = device
+    def __init__(self, device, names: tuple):
+        self.device, self.names = device, tuple(names)
         self.reset()
 
     def reset(self):
-        self.local_loss = torch.zeros((), device=self.device)
-        self.local = np.zeros(4, dtype=np.float64)  # loss count, tokens, rows, empty rows skipped
-        self.total = np.zeros(5, dtype=np.float64)  # the same after flushes, all processes, loss sum first
+        self.local_values = torch.zeros(len(self.names), device=self.device)
+        self.local = np.zeros(4, dtype=np.float64)  # batches with a loss, tokens, rows, empty rows skipped
+        self.values = np.zeros(len(self.names))  # after flushes, all processes
+        self.counts = np.zeros(3)  # tokens, rows, empty rows skipped, all processes
+        self.batches = 0.0
         self.started = time.perf_counter()
 
     def add_batch(self, tokens: int, rows: int, skipped: int):
         self.local[1:] += (tokens, rows, skipped)
 
-    def add_loss(self, loss: torch.Tensor):
-        self.local_loss += loss.detach().float()
+    def add(self, values: dict):
+        self.local_values += torch.stack([values[n].float() for n in self.names])
         self.local[0] += 1
 
     def flush(self, accelerator) -> np.ndarray:
         """Sum the local shares over all processes; returns (tokens, rows, skipped) just flushed."""
         dtype = torch.float32 if self.device.type == "mps" else torch.float64  # counts stay exact in float64
-        local = torch.cat([self.local_loss.reshape(1).to(dtype), torch.tensor(self.local, device=self.device,
-                                                                               dtype=dtype)])
+        local = torch.cat([self.local_values.to(dtype), torch.tensor(self.local, device=self.device, dtype=dtype)])
         summed = accelerator.reduce(local, reduction="sum").cpu().numpy()
-        self.total += summed
-        self.local_loss.zero_()
+        n = len(self.names)
+        self.values += summed[:n]
+        self.batches += summed[n]
+        self.counts += summed[n + 1:]
+        self.local_values.zero_()
         self.local[:] = 0
-        return summed[2:]
+        return summed[n + 1:]
 
-    def mean_loss(self) -> float:
-        return self.total[0] / max(1.0, self.total[1])
+    def means(self) -> dict:
+        """Each metric's mean over the batches since the last reset."""
+        return {k: float(v) / max(1.0, self.batches) for k, v in zip(self.names, self.values)}
 
 
 class ChatTrainer:
@@ -308,12 +330,13 @@ class ChatTrainer:
         if acc.mixed_precision == "fp16":
             self.logger.warning("fp16 overflows in T5's feed-forward layers; prefer --mixed_precision=bf16")
         self.tokenizer = self.get_tokenizer()
-        self.model = self.get_model()
+        self.model, self.reference = self.get_model()
         self.stream = self.get_stream()
         self.loader = get_train_loader(self.stream, cfg.num_workers, pin_memory=acc.device.type == "cuda")
-        self.idle_batch = collate([[self.tokenizer.eos_token_id]], [[self.tokenizer.eos_token_id]])
-        self.eval_set = EvalSet(cfg.validation_file, self.tokenizer, cfg.max_seq_len, cfg.max_eval_rows) \
-            if cfg.validation_file else None
+        eos = [self.tokenizer.eos_token_id]
+        self.idle_batch = self.objective.collate({c: [eos] for c in self.objective.columns})
+        self.eval_set = EvalSet(cfg.validation_file, self.tokenizer, cfg.max_seq_len, cfg.max_eval_rows,
+                                self.objective) if cfg.validation_file else None
         self.settings = self.state_settings(self.model.config, self.tokenizer, self.stream.pieces)
         self.schedule = get_lr_lambda(self.total_steps, cfg.warmup_steps, cfg.div_factor)
         self.optimizer = get_optimizer(self.model, cfg)
@@ -324,7 +347,7 @@ class ChatTrainer:
         # so a resume with another learn_rate or max_steps follows the new schedule at once.
         self.model, self.optimizer, self.eval_loader = acc.prepare(self.model, self.optimizer, eval_loader)
         self.progress = TrainingProgress()
-        self.meters = Meters(acc.device)
+        self.meters = Meters(acc.device, self.objective.metric_names)
         self.bad_steps, self.unconfirmed = 0, []
         self.maybe_resume()
         if cfg.log_with != "none":
@@ -341,17 +364,20 @@ class ChatTrainer:
         """
         cfg, acc = self.cfg, self.accelerator
         self.train_files = expand_files(cfg.train_file)
+        self.objective = get_objective(cfg)
+        columns = self.objective.columns
         for path in self.train_files:
-            check_data_file(path, what="train_file")
+            check_data_file(path, columns, what="train_file")
         for what in ("validation_file", "test_file"):
             if getattr(cfg, what):
-                check_data_file(getattr(cfg, what), what=what)
+                check_data_file(getattr(cfg, what), columns, what=what)
         pieces = get_pieces(self.train_files)
         self.total_steps = self.count_total_steps(pieces)
         has_tokenizer = os.path.isfile(os.path.join(cfg.tokenizer_dir, "tokenizer.json"))
         tokenizer = load_tokenizer(cfg.tokenizer_dir) if has_tokenizer else None
-        if cfg.is_finetune:
-            warning = check_finetune_source(cfg.finetune_from_ckp_file, tokenizer, cfg.tokenizer_dir)
+        if cfg.start_from:
+            flag = "--init_from" if cfg.init_from else "--finetune_from_ckp_file"
+            warning = check_finetune_source(cfg.start_from, tokenizer, cfg.tokenizer_dir, flag)
             if warning:
                 self.logger.warning(warning)
         if cfg.is_keep_training is True and tokenizer is None:
@@ -383,7 +409,8 @@ class ChatTrainer:
         if path is not None:
             if ckpt.is_legacy(path):
                 saved = ckpt.load_json(os.path.join(path, "chatlm_state.json"))
-                keys = DATA_ORDER_KEYS + ("is_finetune",)
+                saved["trainable"] = "decoder" if saved.get("is_finetune") else "all"
+                keys = DATA_ORDER_KEYS + ("trainable",)
                 check_settings(path, {k: saved.get(k) for k in keys}, {k: settings[k] for k in keys})
             else:
                 saved = ckpt.load_json(os.path.join(path, ckpt.STATE_JSON))
@@ -440,37 +467,59 @@ class ChatTrainer:
                                 model_max_length=cfg.max_seq_len, seed=cfg.seed)
             return load_tokenizer(cfg.tokenizer_dir)
 
-    def new_model(self, vocab_size: int) -> TextToTextModel:
-        """The model before any weights are loaded: the checkpoint's shape for a finetune."""
+    def new_model(self, vocab_size: int):
+        """The model before any weights are loaded (the checkpoint's shape when starting from
+        one), with what trains set: decoder freezes the rest, lora wraps it in peft adapters."""
         cfg = self.cfg
-        if cfg.is_finetune and os.path.isdir(cfg.finetune_from_ckp_file):
-            config = T5Config.from_pretrained(cfg.finetune_from_ckp_file)
+        if os.path.isdir(cfg.start_from):
+            config = T5Config.from_pretrained(cfg.start_from)
         else:
             config = get_t5_config(T5ModelConfig.preset(cfg.model_size), vocab_size)
-        model = TextToTextModel(config)
-        if cfg.is_finetune:
+        return self.set_trainable(TextToTextModel(config))
+
+    def set_trainable(self, model: TextToTextModel):
+        cfg = self.cfg
+        if cfg.trains == "decoder":
             freeze_for_finetune(model)
+        elif cfg.trains == "lora":
+            model = get_peft_model(model, LoraConfig(
+                r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="SEQ_2_SEQ_LM",
+                target_modules=list(cfg.lora_target_modules)))
         return model
 
-    def get_model(self) -> TextToTextModel:
-        cfg = self.cfg
-        if cfg.is_finetune:  # on resume too: the checkpoint gives the shape, the state the weights
-            model = load_model_for_finetune(cfg.finetune_from_ckp_file, cfg, self.tokenizer)
-            self.logger.info(f"finetuning {cfg.finetune_from_ckp_file}")
+    def get_model(self):
+        """The policy to train, and the reference its objective keeps it close to (or None).
+
+        The reference is the adapters-disabled policy under LoRA, else a frozen copy of the
+        starting model: in eval mode, without gradients, out of the optimizer and of prepare().
+        """
+        cfg, acc = self.cfg, self.accelerator
+        if cfg.start_from:  # on resume too: the checkpoint gives the shape, the state the weights
+            model = load_start_model(cfg.start_from, cfg, self.tokenizer)
+            self.logger.info(f"starting from {cfg.start_from}")
         else:
             model = TextToTextModel(get_t5_config(T5ModelConfig.preset(cfg.model_size), len(self.tokenizer)))
         model.generation_config = get_generation_config(cfg.max_seq_len)
-        if cfg.is_finetune:
-            freeze_for_finetune(model)
+        frozen = None
+        if self.objective.needs_reference and cfg.trains != "lora":
+            frozen = copy.deepcopy(model).eval().requires_grad_(False).to(acc.device)
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
             model.config.use_cache = False
+            if cfg.trains == "lora":
+                model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
+        model = self.set_trainable(model)
+        reference = None
+        if self.objective.needs_reference:
+            reference = Reference(model=frozen) if frozen is not None else \
+                Reference(policy=lambda: acc.unwrap_model(self.model))
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
         shape = model.config
         self.logger.info(f"model: d_model {shape.d_model}, {shape.num_layers}+{shape.num_decoder_layers} layers, "
-                         f"{total / 1e6:.1f}M parameters, {trainable / 1e6:.1f}M trainable")
-        return model
+                         f"{total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable ({cfg.trains}), "
+                         f"objective {self.objective.name}" + (", with a reference" if reference else ""))
+        return model, reference
 
     def get_stream(self) -> TrainStream:
         cfg, acc = self.cfg, self.accelerator
@@ -481,7 +530,7 @@ class ChatTrainer:
                          f"{'in memory' if keep_in_memory else 'streamed'}")
         return TrainStream(self.train_files, self.tokenizer, cfg.batch_size_per_gpu, cfg.max_seq_len,
                            cfg.dataloader_buffer_size, cfg.seed, acc.process_index, acc.num_processes,
-                           cfg.num_workers, keep_in_memory, cfg.group_by_length)
+                           cfg.num_workers, keep_in_memory, cfg.group_by_length, self.objective)
 
     def count_total_steps(self, pieces) -> int:
         """Optimizer steps of the whole run, for the schedule and the progress bar.
@@ -504,8 +553,11 @@ class ChatTrainer:
     def state_settings(self, model_config, tokenizer, pieces) -> dict:
         """What a resumed run must share with the run that saved the state."""
         cfg, processes = self.cfg, self.accelerator.num_processes
+        lora = {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "target_modules": sorted(cfg.lora_target_modules)} \
+            if cfg.trains == "lora" else None
         return {"model": {k: getattr(model_config, k) for k in MODEL_SHAPE_KEYS}, "vocab": vocab_hash(tokenizer),
-                "is_finetune": cfg.is_finetune, "optimizer": cfg.optimizer,
+                "objective": cfg.objective, "trainable": cfg.trains, "lora": lora, "optimizer": cfg.optimizer,
+                "init_from": {"path": cfg.start_from, "sha256": weights_hash(cfg.start_from)},
                 **{k: getattr(cfg, k) for k in DATA_ORDER_KEYS if k != "num_shards"},
                 "num_shards": processes * max(1, cfg.num_workers),
                 "rows_per_row_group": [p.num_rows for p in pieces],
@@ -655,8 +707,15 @@ class ChatTrainer:
         self.on_main(self._save_model, path)
 
     def _save_model(self, path: str):
+        model = self.accelerator.unwrap_model(self.model)
         with atomic_dir(path) as tmp:
-            self.accelerator.unwrap_model(self.model).save_pretrained(tmp, safe_serialization=True)
+            if isinstance(model, PeftModel):
+                # The merged model for every tool, and the adapter in peft's format beside it. The
+                # merge runs on a copy: merging in place and back would change the weights' bits.
+                model.save_pretrained(os.path.join(tmp, "adapter"))
+                copy.deepcopy(model).merge_and_unload().save_pretrained(tmp, safe_serialization=True)
+            else:
+                model.save_pretrained(tmp, safe_serialization=True)
             self.tokenizer.save_pretrained(tmp)
 
     # ---- training ----------------------------------------------------------------------
@@ -745,12 +804,12 @@ class ChatTrainer:
                 weight = acc.num_processes / active
             batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
             with acc.accumulate(model):
-                loss = model(**batch).loss
+                loss, values = self.objective.loss(model, batch, self.reference)
                 acc.backward(loss * weight)  # Accelerate divides by gradient_accumulation_steps: once
                 if acc.sync_gradients:
                     self.apply_update()
             if weight:
-                self.meters.add_loss(loss)
+                self.meters.add(values)
             if not acc.sync_gradients:
                 continue
             progress.step += 1
@@ -833,8 +892,7 @@ class ChatTrainer:
     def record_batch(self, batch: dict):
         """Take the metadata off the batch (the stream moves its position) and count what it holds."""
         rows, skipped = self.stream.advance(batch)
-        tokens = int(batch["attention_mask"].sum()) + int((batch["labels"] >= 0).sum())
-        self.meters.add_batch(tokens, len(rows), skipped)
+        self.meters.add_batch(self.objective.count_tokens(batch), len(rows), skipped)
         self.progress.micro_step += 1
         if self.cfg.trace_samples:
             path = os.path.join(self.cfg.output_dir, f"samples.rank{self.accelerator.process_index}.jsonl")
@@ -857,10 +915,10 @@ class ChatTrainer:
         if progress.step % self.cfg.logging_steps:
             return
         self.flush_counts()
-        _, _, tokens, rows, _ = meters.total
         seconds = time.perf_counter() - meters.started
-        metrics = {"train/loss": meters.mean_loss(), "train/lr": self.last_lr,
-                   "train/tokens_per_s": tokens / seconds, "train/samples_per_s": rows / seconds}
+        metrics = {f"train/{k}": v for k, v in meters.means().items()}
+        metrics.update({"train/lr": self.last_lr, "train/tokens_per_s": meters.counts[0] / seconds,
+                        "train/samples_per_s": meters.counts[1] / seconds})
         if self.grad_norm is not None:
             metrics["train/grad_norm"] = float(self.grad_norm)
         if progress.rows_skipped:
@@ -878,80 +936,31 @@ class ChatTrainer:
 
     # ---- evaluation --------------------------------------------------------------------
     def maybe_evaluate(self, end_of_epoch: bool = False):
+        """Evaluate on the validation file; the best model by `best_metric` goes to best/."""
         if self.eval_loader is None:
             return
-        progress = self.progress
+        cfg, progress = self.cfg, self.progress
         progress.last_eval_step = progress.step
         started = time.perf_counter()
-        result = evaluate(self.model, self.eval_loader, self.accelerator, self.tokenizer, self.cfg.max_seq_len)
-        metrics = {"eval/loss": result["loss"], "eval/perplexity": result["perplexity"], "eval/bleu4": result["bleu4"]}
+        result = evaluate(self.model, self.eval_loader, self.accelerator, self.tokenizer, cfg.max_seq_len,
+                          self.reference)
+        scores = result["metrics"]
         where = f"end of epoch {progress.epoch - 1}" if end_of_epoch else f"step {progress.step}"
-        self.metrics.log(metrics, progress.step, progress.epoch, self.total_steps,
-                         prefix=f"eval at {where} ({len(result['hypotheses'])} rows):")
-        if not math.isfinite(result["loss"]):
+        self.metrics.log({f"eval/{k}": v for k, v in scores.items()}, progress.step, progress.epoch,
+                         self.total_steps, prefix=f"eval at {where} ({len(result['hypotheses'])} rows):")
+        score = scores.get(cfg.best)
+        if score is None:
+            self.logger.warning(f"eval at {where}: no {cfg.best} to choose best/ by (is there a task column?)")
+        elif not math.isfinite(scores["loss"]) or not math.isfinite(score):
             self.logger.warning(f"eval at {where}: the validation loss is not finite; best/ is left as it is")
-        elif progress.step > 0 and (progress.best_score is None or result["bleu4"] > progress.best_score):
-            progress.best_score, progress.best_step = result["bleu4"], progress.step
-            self.save_model(os.path.join(self.cfg.output_dir, "best"))
-            self.logger.info(f"new best bleu4 {result['bleu4']:.4f}: model saved to "
-                             f"{os.path.join(self.cfg.output_dir, 'best')}")
+        elif progress.step > 0 and is_better(cfg.best, score, progress.best_score):
+            progress.best_score, progress.best_step = score, progress.step
+            self.save_model(os.path.join(cfg.output_dir, "best"))
+            self.logger.info(f"new best {cfg.best} {score:.4f}: model saved to {os.path.join(cfg.output_dir, 'best')}")
         self.model.train()
         self.meters.started += time.perf_counter() - started  # evaluation time is not training throughput
 
     def report(self, path: str) -> dict:
-        """Score the trained model on a held-out file: BLEU-4, exact match per task, sample answers."""
+        """Score the trained model on a held-out file: its metrics, exact match per task, sample answers."""
         return score_file(self.model, self.accelerator, self.tokenizer, path, self.cfg.batch_size_per_gpu * 4,
-                          self.cfg.max_seq_len, self.logger)
-
-
-def score_file(model, accelerator: Accelerator, tokenizer, path: str, batch_size: int, max_seq_len: int, logger,
-               max_rows: int = 10**9, samples: int = 5) -> dict:
-    """evaluate() over a parquet file, then its report: with a `task` column, exact match per task."""
-    has_task = "task" in open_parquet(path).schema_arrow.names
-    dataset = EvalSet(path, tokenizer, max_seq_len, max_rows,
-                      columns=("prompt", "response", "task") if has_task else ("prompt", "response"))
-    loader = accelerator.prepare(get_eval_loader(dataset, batch_size))
-    result = evaluate(model, loader, accelerator, tokenizer, max_seq_len)
-    print_report(result, dataset, samples, logger)
-    return result
-
-
-@torch.no_grad()
-def evaluate(model, loader, accelerator: Accelerator, tokenizer, max_new_tokens: int) -> dict:
-    """Loss, perplexity and corpus BLEU-4 over every row of `loader` (an EvalSet), on all processes.
-
-    Generated sequences differ in length between processes: they are padded to a common
-    length before gathering (the original gathered ragged tensors, which fails with several).
-    BLEU pools every row of every batch (the original kept only the last batch's scores).
-    """
-    model.eval()
-    generator = accelerator.unwrap_model(model)
-    loss_sums, token_counts, predictions, indices = [], [], [], []
-    for batch in loader:
-        index = batch.pop("index")
-        logits = model(**batch).logits.float()
-        mask = batch["labels"] != -100
-        token_loss = F.cross_entropy(logits.transpose(1, 2), batch["labels"], ignore_index=-100, reduction="none")
-        out = generator.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
-                                 max_new_tokens=max_new_tokens, do_sample=False, num_beams=1)
-        out = accelerator.pad_across_processes(out, dim=1, pad_index=0)
-        gathered = accelerator.gather_for_metrics(((token_loss * mask).sum(1), mask.sum(1), out, index))
-        for store, value in zip((loss_sums, token_counts, predictions, indices), gathered):
-            store.append(value.cpu())
-    loss = float(sum(s.sum() for s in loss_sums)) / max(1, int(sum(t.sum() for t in token_counts)))
-    hyps = [h for p in predictions for h in tokenizer.batch_decode(p, skip_special_tokens=True)]
-    rows = [i for ix in indices for i in ix.tolist()]
-    refs = [loader.dataset.responses[i] for i in rows]
-    return {"loss": loss, "perplexity": math.exp(min(loss, 50)), "bleu4": bleu4(refs, hyps),
-            "hypotheses": hyps, "references": refs, "rows": rows}
-
-
-def print_report(result: dict, dataset: EvalSet, samples: int, logger):
-    rows = result["rows"]
-    groups = [dataset.extra["task"][i] for i in rows] if "task" in dataset.extra else None
-    scores = exact_match_by_group(result["references"], result["hypotheses"], groups)
-    logger.info(f"test: {len(rows)} rows, bleu4 {result['bleu4']:.4f}, loss {result['loss']:.4f}")
-    for name, (right, total) in sorted(scores.items(), key=lambda kv: kv[0] != "all"):
-        logger.info(f"exact match {name:>10}: {right / total:7.2%} ({right}/{total})")
-    for k in sorted(np.random.default_rng(0).choice(len(rows), size=min(samples, len(rows)), replace=False)):
-        logger.info(f"  {dataset.prompts[rows[k]]} -> {result['hypotheses'][k]}  (expected {result['references'][k]})")
+                          self.cfg.max_seq_len, self.logger, objective=self.objective, reference=self.reference)

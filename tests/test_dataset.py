@@ -164,7 +164,7 @@ def test_length_grouping_pads_far_less_than_random_batches(tok, tmp_path):
 def test_eval_set_caps_rows_and_keeps_extra_columns(tmp_path, tok):
     path = write_rows(tmp_path / "v.parquet", ["一是多少？", None, "三是多少？", "四是多少？"], ["1", "2", "3", "4"],
                       task=["a", "b", "c", "d"])
-    ev = EvalSet(path, tok, 32, max_rows=2, columns=("prompt", "response", "task"))
+    ev = EvalSet(path, tok, 32, max_rows=2)
     assert len(ev) == 2 and ev.skipped == 1 and ev.extra["task"] == ["a", "c"]
 
 

@@ -12,7 +12,8 @@ from safetensors.torch import load_file
 
 from config import TrainConfig, load_config
 from conftest import ROOT, as_args, run_cli, tiny_flags, write_rows
-from model.trainer import ChatTrainer, evaluate, get_lr_lambda, get_optimizer
+from model.evaluation import evaluate
+from model.trainer import ChatTrainer, get_lr_lambda, get_optimizer
 
 
 @pytest.fixture(autouse=True)
@@ -162,7 +163,7 @@ def test_bleu_pools_every_batch(tmp_path, tokenizer_dir):
     result = evaluate(FakeSeq2Seq(answers), loader, accelerator, tok, 16)
     assert result["hypotheses"] == in_order[:2] + wrong
     pooled = bleu4(in_order, in_order[:2] + wrong)
-    assert result["bleu4"] == pytest.approx(pooled)
+    assert result["metrics"]["bleu4"] == pytest.approx(pooled)
     assert 0 < pooled < 1 and pooled != pytest.approx(bleu4(in_order[2:], wrong))  # not the last batch alone
 
 

@@ -33,11 +33,11 @@ def open_parquet(path: str, columns=TEXT_COLUMNS) -> pq.ParquetFile:
     missing = [c for c in columns if c not in schema.names]
     if missing:
         raise UserError(f"{path} has no column {', '.join(missing)} (found: {', '.join(schema.names)}); "
-                        f"the data needs string columns {', '.join(TEXT_COLUMNS)}")
-    for c in columns[:len(TEXT_COLUMNS)]:
+                        f"the data needs string columns {', '.join(columns)}")
+    for c in columns:
         kind = schema.field(c).type
         if not (pa.types.is_string(kind) or pa.types.is_large_string(kind)):
-            raise UserError(f"column {c} of {path} is {kind}, not string: prompt and response must be strings")
+            raise UserError(f"column {c} of {path} is {kind}, not string: {', '.join(columns)} must be strings")
     return pf
 
 

@@ -118,7 +118,7 @@ class MetricsLog:
 
 
 def format_metric(key: str, value) -> str:
-    name, fmt = CONSOLE_FORMAT.get(key, (key.split("/")[-1], "{:.4f}" if isinstance(value, float) else "{}"))
+    name, fmt = CONSOLE_FORMAT.get(key, (key.split("/", 1)[-1], "{:.4f}" if isinstance(value, float) else "{}"))
     return f"{name} {fmt.format(value)}"
 
 
