@@ -71,6 +71,7 @@ class TrainConfig:
     dpo_beta: float = 0.1  # DPO: strength of the pull to the reference (higher: closer)
     dpo_loss: str = "sigmoid"  # DPO loss: sigmoid (Rafailov et al.), ipo or hinge
     dpo_label_smoothing: float = 0.0  # DPO sigmoid loss: assumed share of flipped preference labels
+    dpo_rpo_alpha: float = 0.0  # DPO: plus this x the NLL of the chosen answers (TRL's rpo_alpha); 0: pure DPO
     kl_beta: float = 0.0  # seq2seq: weight of KL(policy || init_from) per response token; 0: off
     best_metric: str = ""  # metric that picks best/: "" = bleu4 (seq2seq) or rewards/accuracy (dpo)
     is_keep_training: bool | str = False  # resume from the latest intact state; auto: resume if there is one
@@ -149,7 +150,7 @@ POSITIVE = ("epochs", "batch_size_per_gpu", "gradient_accumulation_steps", "lear
             "vocab_size", "max_seq_len", "dataloader_buffer_size", "logging_steps", "save_steps",
             "keep_latest_n_ckp", "max_eval_rows", "max_bad_steps", "lora_r", "lora_alpha", "dpo_beta")
 NON_NEGATIVE = ("max_steps", "warmup_steps", "weight_decay", "max_grad_norm", "num_workers", "eval_steps",
-                "empty_cache_steps", "kl_beta", "lora_dropout", "dpo_label_smoothing")
+                "empty_cache_steps", "kl_beta", "lora_dropout", "dpo_label_smoothing", "dpo_rpo_alpha")
 # Metrics an evaluation reports, per objective (exact_match/<task> too, for a file with a task column).
 EVAL_METRICS = {"seq2seq": ("loss", "perplexity", "bleu4", "exact_match", "kl"),
                 "dpo": ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin", "bleu4",

@@ -8,11 +8,14 @@
     python train.py train_tokenizer --files=data/my_train.parquet --output_dir=model_save/tokenizer
     python train.py evaluate --model_dir=model_save/best --test_file=data/demo_test.parquet
     python train.py chat --model_dir=model_save/best [--prompt=...]
+    python train.py make_dpo_pairs --model_dir=model_save/best --input=sft.parquet --output=pairs.parquet
     python train.py COMMAND --help                               # the command's flags
 
 Every TrainConfig field (config.py) is a flag of `train`; --config=FILE.yaml comes first, flags win.
 Every command checks its flags before it does anything.
 """
+import os
+
 from config import TrainConfig, load_config
 from utils.cli import dataclass_flags, run_cli, takes_flags
 from utils.errors import UserError
@@ -119,7 +122,41 @@ def chat(model_dir: str = "./model_save/best", prompt: str | None = None, search
         print()
 
 
-COMMANDS = {"train": train, "train_tokenizer": train_tokenizer, "evaluate": evaluate, "chat": chat}
+def make_dpo_pairs(model_dir: str, input: str, output: str, batch_size: int = 32,  # noqa: A002 (flag name)
+                   max_rows: int = 10**12, search_type: str = "greedy"):
+    """Write DPO pairs (prompt, chosen, rejected) from a model's own answers to prompt/response rows.
+
+    chosen is the file's response, rejected what the model answers; rows where the two are
+    equal are dropped. Other columns (a task) are kept. The output is written whole or not at all.
+
+    Args:
+        model_dir: the model whose answers become the rejected texts (e.g. model_save/demo/best).
+        input: parquet with string columns prompt and response.
+        output: parquet file to write, never the input.
+        batch_size: prompts generated together.
+        max_rows: read at most this many rows.
+        search_type: greedy, beam or sampling.
+    """
+    from model.chat_model import SEARCH_TYPES
+    from model.infer import ChatBot, make_dpo_pairs as make_pairs
+    from utils.files import check_data_file, probe_writable
+    if batch_size <= 0 or max_rows <= 0:
+        raise UserError("--batch_size and --max_rows must be > 0")
+    if search_type not in SEARCH_TYPES:
+        raise UserError(f"--search_type={search_type!r} is not one of {list(SEARCH_TYPES)}")
+    if os.path.abspath(output) == os.path.abspath(input):
+        raise UserError(f"--output {output} is the input; write the pairs to a new file")
+    check_data_file(input, ("prompt", "response"), what="input")
+    probe_writable(os.path.dirname(os.path.abspath(output)), "output")
+    bot = ChatBot(model_dir)
+    counts = make_pairs(bot, input, output, batch_size, max_rows, search_type, log=lambda _: None)
+    print(f"{counts['read']:,} rows read: {counts['kept']:,} pairs written to {output}, "
+          f"{counts['same_as_reference']:,} dropped (the model's answer equals the response), "
+          f"{counts['empty']:,} empty rows skipped")
+
+
+COMMANDS = {"train": train, "train_tokenizer": train_tokenizer, "evaluate": evaluate, "chat": chat,
+            "make_dpo_pairs": make_dpo_pairs}
 
 if __name__ == "__main__":
     run_cli(COMMANDS, "train.py")

@@ -1,11 +1,15 @@
 """Write the bundled demo data: three synthetic Chinese tasks a tiny model learns on a CPU.
 
     python data/make_demo_data.py            # writes data/demo_{train,valid,test}.parquet
+                                             # and data/demo_{dpo,style}_{train,valid,test}.parquet
 
 Tasks (column `task` names them; `prompt` and `response` are what the trainer reads):
 - `num2zh`:  把1205写成中文数字。          -> 一千二百零五
 - `zh2num`:  一千二百零五是多少？          -> 1205
 - `date2zh`: 把2024-03-05写成中文日期。    -> 二〇二四年三月五日
+
+The alignment demos teach the trained demo model a new style of answer, `是{answer}。`: DPO on
+pairs (chosen in the style, rejected the plain answer) and seq2seq with LoRA and a KL penalty.
 
 The output is a pure function of the seed. Held-out numbers and dates never occur in the
 training split, in either direction, so the test split measures generalisation.
@@ -75,8 +79,25 @@ def write(rows: list[tuple[str, str, str]], path: str) -> None:
     pq.write_table(table, path, compression="zstd")
 
 
+def styled(answer: str) -> str:
+    """The alignment demos' new style: 1050 -> 是1050。 (characters the demo tokenizer has)."""
+    return f"是{answer}。"
+
+
+def write_style(rows: list[tuple[str, str, str]], out_dir: str, name: str) -> None:
+    """The same prompts as DPO pairs (chosen in the new style, rejected as before) and as
+    prompt -> styled response for the seq2seq (LoRA + KL) demo."""
+    tasks, prompts, responses = zip(*rows)
+    pairs = pa.table({"prompt": list(prompts), "chosen": [styled(r) for r in responses],
+                      "rejected": list(responses), "task": list(tasks)})
+    pq.write_table(pairs, os.path.join(out_dir, f"demo_dpo_{name}.parquet"), compression="zstd")
+    sft = pa.table({"prompt": list(prompts), "response": [styled(r) for r in responses], "task": list(tasks)})
+    pq.write_table(sft, os.path.join(out_dir, f"demo_style_{name}.parquet"), compression="zstd")
+
+
 def main(out_dir: str = os.path.dirname(os.path.abspath(__file__)), seed: int = 42,
-         test_per_task: int = 300, valid_per_task: int = 100, train_dates: int = 12000) -> None:
+         test_per_task: int = 300, valid_per_task: int = 100, train_dates: int = 12000,
+         style_rows_per_task: int = 1000) -> None:
     rng = random.Random(seed)
     numbers = list(range(10000))
     rng.shuffle(numbers)
@@ -96,11 +117,18 @@ def main(out_dir: str = os.path.dirname(os.path.abspath(__file__)), seed: int = 
     train = rows(train_nums, train_date_items)
     rng.shuffle(train)
     os.makedirs(out_dir, exist_ok=True)
-    for name, split in [("train", train), ("valid", rows(valid_nums, valid_dates)),
-                        ("test", rows(test_nums, test_dates))]:
+    splits = {"train": train, "valid": rows(valid_nums, valid_dates), "test": rows(test_nums, test_dates)}
+    for name, split in splits.items():
         path = os.path.join(out_dir, f"demo_{name}.parquet")
         write(split, path)
         print(f"{path}: {len(split)} rows")
+    # The alignment demos: style_rows_per_task training rows of each task, and the same
+    # held-out valid and test splits (so held-out numbers and dates stay held out).
+    per_task = {t: [r for r in train if r[0] == t][:style_rows_per_task] for t in ("num2zh", "zh2num", "date2zh")}
+    style_train = [r for group in zip(*per_task.values()) for r in group]
+    for name, split in {"train": style_train, "valid": splits["valid"], "test": splits["test"]}.items():
+        write_style(split, out_dir, name)
+        print(f"{out_dir}/demo_dpo_{name}.parquet, demo_style_{name}.parquet: {len(split)} rows")
 
 
 if __name__ == "__main__":

@@ -10,6 +10,7 @@ from transformers import TextIteratorStreamer
 from model.chat_model import SEARCH_TYPES, TextToTextModel
 from utils.errors import UserError
 from utils.files import describe_error
+from utils.logging import quiet_libraries
 from utils.tokenizer import load_tokenizer
 
 
@@ -30,6 +31,7 @@ class ChatBot:
 
     def __init__(self, model_dir: str, device: str | None = None):
         check_model_dir(model_dir)
+        quiet_libraries()
         self.device = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
         self.tokenizer = load_tokenizer(model_dir)
         try:
@@ -73,3 +75,54 @@ class ChatBot:
 def check_search_type(search_type: str) -> None:
     if search_type not in SEARCH_TYPES:
         raise UserError(f"search_type must be one of {sorted(SEARCH_TYPES)}, got {search_type!r}")
+
+
+def make_dpo_pairs(bot: ChatBot, input_path: str, output: str, batch_size: int = 32, max_rows: int = 10**12,
+                   search_type: str = "greedy", log=print) -> dict:
+    """Preference pairs from a model's own answers (the original's recipe): chosen = the
+    reference `response`, rejected = what the model says. Rows where both are equal teach
+    nothing and are dropped; other columns (a `task`) are carried along.
+
+    Streams `input_path` batch by batch and writes `output` atomically (a temporary file
+    renamed when complete). Returns the counts.
+    """
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from model.dataset import non_empty
+    from utils.files import check_data_file
+    from utils.metrics import normalise
+    pf = check_data_file(input_path, ("prompt", "response"), what="input")
+    extra = [c for c in pf.schema_arrow.names if c not in ("prompt", "response")]
+    schema = pa.schema([("prompt", pa.string()), ("chosen", pa.string()), ("rejected", pa.string())]
+                       + [pf.schema_arrow.field(c) for c in extra])
+    tmp = f"{output}.tmp-{os.getpid()}"
+    counts = {"read": 0, "kept": 0, "same_as_reference": 0, "empty": 0}
+    try:
+        with pq.ParquetWriter(tmp, schema, compression="zstd") as writer:
+            for batch in pf.iter_batches(batch_size=max(batch_size, 1024)):
+                batch = batch.slice(0, max(0, max_rows - counts["read"]))
+                if batch.num_rows == 0:
+                    break
+                counts["read"] += batch.num_rows
+                prompts, responses = batch.column("prompt").to_pylist(), batch.column("response").to_pylist()
+                keep = non_empty(prompts, responses)
+                counts["empty"] += int((~keep).sum())
+                index = [i for i, k in enumerate(keep) if k]
+                answers = bot.answer([prompts[i] for i in index], search_type=search_type, batch_size=batch_size)
+                rows = [(i, a) for i, a in zip(index, answers) if normalise(a) != normalise(responses[i])]
+                counts["same_as_reference"] += len(index) - len(rows)
+                counts["kept"] += len(rows)
+                if rows:
+                    take = pa.array([i for i, _ in rows])
+                    columns = {"prompt": batch.column("prompt").take(take), "chosen": batch.column("response").take(take),
+                               "rejected": pa.array([a for _, a in rows], pa.string()),
+                               **{c: batch.column(c).take(take) for c in extra}}
+                    writer.write_table(pa.table(columns, schema=schema))
+                log(f"{counts['read']:,} rows read, {counts['kept']:,} pairs kept")
+        os.replace(tmp, output)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return counts

@@ -130,8 +130,15 @@ class DPO:
     needs_reference = True
     metric_names = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin")
 
-    def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0):
+    def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
+                 rpo_alpha: float = 0.0):
         self.beta, self.loss_type, self.label_smoothing = beta, loss_type, label_smoothing
+        # TRL's rpo_alpha (Pang et al. 2024): plus rpo_alpha x the NLL of the chosen answers per
+        # token. Pure DPO can win a pair by pushing the rejected text down alone; this also
+        # pulls the chosen one up, which a model that never produced the chosen style needs.
+        self.rpo_alpha = rpo_alpha
+        if rpo_alpha:
+            self.metric_names = DPO.metric_names + ("nll",)
 
     def collate(self, rows: dict) -> dict:
         """Prompts once; chosen (rows 0..B-1) and rejected (B..2B-1) labels stacked, one padding."""
@@ -140,11 +147,19 @@ class DPO:
     def count_tokens(self, batch: dict) -> int:
         return int(batch["attention_mask"].sum()) + int((batch["labels"] != LABEL_PAD).sum())
 
-    def logps(self, model, batch: dict) -> torch.Tensor:
-        """(2B,) log-probs of chosen then rejected: one forward over the stacked batch."""
+    def logps(self, model, batch: dict, nll: bool = False):
+        """(2B,) log-probs of chosen then rejected: one forward over the stacked batch. With
+        `nll`, also the mean negative log-likelihood per chosen token."""
+        labels = batch["labels"]
         out = model(input_ids=batch["input_ids"].repeat(2, 1), attention_mask=batch["attention_mask"].repeat(2, 1),
-                    labels=batch["labels"])
-        return sequence_logps(out.logits, batch["labels"], average=self.loss_type == "ipo")
+                    labels=labels)
+        summed = sequence_logps(out.logits, labels)
+        lengths = (labels != LABEL_PAD).sum(-1).clamp(min=1)
+        logps = summed / lengths if self.loss_type == "ipo" else summed
+        if not nll:
+            return logps
+        chosen = len(labels) // 2
+        return logps, -summed[:chosen].sum() / lengths[:chosen].sum()
 
     def losses(self, policy: torch.Tensor, reference: torch.Tensor) -> tuple[torch.Tensor, dict]:
         """Per-pair losses and rewards from (2B,) log-probs of chosen then rejected."""
@@ -165,12 +180,15 @@ class DPO:
                         "rewards/accuracy": (chosen > rejected).float(), "rewards/margin": chosen - rejected}
 
     def loss(self, model, batch: dict, reference: Reference) -> tuple[torch.Tensor, dict]:
-        policy = self.logps(model, batch)
+        policy, nll = self.logps(model, batch, nll=True)
         with torch.no_grad():
             ref = self.logps(reference, batch)
         losses, rewards = self.losses(policy, ref)
-        loss = losses.mean()
-        return loss, {"loss": loss.detach(), **{k: v.mean() for k, v in rewards.items()}}
+        loss = losses.mean() + self.rpo_alpha * nll if self.rpo_alpha else losses.mean()
+        values = {"loss": loss.detach(), **{k: v.mean() for k, v in rewards.items()}}
+        if self.rpo_alpha:
+            values["nll"] = nll.detach()
+        return loss, values
 
     @torch.no_grad()
     def eval_rows(self, model, batch: dict, reference: Reference) -> dict:
@@ -183,5 +201,5 @@ class DPO:
 
 def get_objective(cfg):
     if cfg.objective == "dpo":
-        return DPO(cfg.dpo_beta, cfg.dpo_loss, cfg.dpo_label_smoothing)
+        return DPO(cfg.dpo_beta, cfg.dpo_loss, cfg.dpo_label_smoothing, cfg.dpo_rpo_alpha)
     return Seq2Seq(cfg.kl_beta)

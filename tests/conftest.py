@@ -71,3 +71,59 @@ def run_cli(*args, check=True, timeout=600, env=None):
     if check and proc.returncode != 0:
         raise AssertionError(f"{args} failed ({proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     return proc
+
+
+def as_dpo_file(path, out):
+    """The prompt/response file at `path` as DPO pairs: chosen = response, rejected = another
+    text of the same length class (the response reversed, or with 零 appended); other columns kept."""
+    table = pq.read_table(path)
+    responses = table.column("response").to_pylist()
+    rejected = [None if r is None else (r[::-1] if r[::-1] != r else r + "零") for r in responses]
+    columns = {"prompt": table.column("prompt"), "chosen": table.column("response"),
+               "rejected": pa.array(rejected, pa.string())}
+    columns.update({c: table.column(c) for c in table.column_names if c not in ("prompt", "response")})
+    pq.write_table(pa.table(columns), out, row_group_size=pq.ParquetFile(path).metadata.row_group(0).num_rows)
+    return str(out)
+
+
+@pytest.fixture(scope="session")
+def base_model(data_dir, tokenizer_dir, tmp_path_factory):
+    """A tiny model trained a few steps: what alignment starts from."""
+    out = tmp_path_factory.mktemp("base")
+    flags = tiny_flags(out, data_dir, tokenizer_dir, max_steps=6, learn_rate=3e-3, validation_file="")
+    run_cli("train.py", "train", *as_args(flags))
+    return os.path.join(flags["output_dir"], "final")
+
+
+# Training modes the shared behaviours (resume, multi-process coverage, accumulation) are tested
+# in: flags, and whether the data must be DPO pairs.
+MODES = {"seq2seq": ({}, False), "dpo": ({"objective": "dpo"}, True),
+         "lora": ({"trainable": "lora", "lora_dropout": 0.0}, False),
+         "lora+kl": ({"trainable": "lora", "lora_dropout": 0.0, "kl_beta": 0.1}, False)}
+
+
+def mode_flags(mode, base_model):
+    flags, pairs = MODES[mode]
+    return ({**flags, "init_from": base_model} if mode != "seq2seq" else {}), pairs
+
+
+class Result:
+    def __init__(self, returncode, stdout, stderr):
+        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
+
+
+def cli(capsys, *argv):
+    """`python train.py ARGV` in this process (no interpreter start-up): exit status and output."""
+    import train as commands
+    from accelerate.state import AcceleratorState, GradientState
+    from utils.cli import run_cli as run
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    capsys.readouterr()
+    try:
+        run(commands.COMMANDS, "train.py", list(argv))
+        code = 0
+    except SystemExit as stop:
+        code = stop.code
+    out = capsys.readouterr()
+    return Result(code, out.out, out.err)

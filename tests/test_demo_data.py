@@ -33,5 +33,16 @@ def test_generator_is_deterministic_and_test_split_is_held_out(tmp_path):
 def test_committed_demo_data_is_what_the_script_writes(tmp_path):
     main(out_dir=str(tmp_path))
     for name in ("train", "valid", "test"):
-        assert (pq.read_table(tmp_path / f"demo_{name}.parquet").to_pylist()
-                == pq.read_table(f"{ROOT}/data/demo_{name}.parquet").to_pylist())
+        for kind in ("demo", "demo_dpo", "demo_style"):
+            assert (pq.read_table(tmp_path / f"{kind}_{name}.parquet").to_pylist()
+                    == pq.read_table(f"{ROOT}/data/{kind}_{name}.parquet").to_pylist()), (kind, name)
+
+
+def test_style_demo_data_pairs_the_styled_answer_with_the_plain_one():
+    pairs = pq.read_table(f"{ROOT}/data/demo_dpo_train.parquet").to_pylist()
+    plain = {r["prompt"]: r["response"] for r in pq.read_table(f"{ROOT}/data/demo_train.parquet").to_pylist()}
+    assert len(pairs) == 3000 and {r["task"] for r in pairs} == {"num2zh", "zh2num", "date2zh"}
+    for r in pairs:
+        assert r["rejected"] == plain[r["prompt"]] and r["chosen"] == f"是{r['rejected']}。"
+    style = pq.read_table(f"{ROOT}/data/demo_style_test.parquet").to_pylist()
+    assert all(r["response"].startswith("是") and r["response"].endswith("。") for r in style)

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 
 import model.checkpoint as ckpt
 from config import load_config
-from conftest import ROOT, as_args, run_cli, tiny_flags, write_rows
+from conftest import ROOT, as_args, cli, run_cli, tiny_flags, write_rows
 from model.trainer import ChatTrainer
 from utils.errors import UserError
 from utils.logging import read_metrics
@@ -316,28 +316,6 @@ def test_the_step_total_is_the_steps_a_run_makes(tmp_path, data_dir, tokenizer_d
 
 
 # ---- mistakes before any work --------------------------------------------------------------
-
-class Result:
-    def __init__(self, returncode, stdout, stderr):
-        self.returncode, self.stdout, self.stderr = returncode, stdout, stderr
-
-
-def cli(capsys, *argv):
-    """`python train.py ARGV` in this process (no interpreter start-up): exit status and output."""
-    import train as commands
-    from accelerate.state import AcceleratorState, GradientState
-    from utils.cli import run_cli as run
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    capsys.readouterr()
-    try:
-        run(commands.COMMANDS, "train.py", list(argv))
-        code = 0
-    except SystemExit as stop:
-        code = stop.code
-    out = capsys.readouterr()
-    return Result(code, out.out, out.err)
-
 
 def assert_one_line_error(proc, message):
     assert proc.returncode == 2, (message, proc.stdout[-2000:], proc.stderr[-2000:])

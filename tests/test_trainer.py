@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from config import TrainConfig, load_config
-from conftest import ROOT, as_args, run_cli, tiny_flags, write_rows
+from conftest import MODES, ROOT, as_dpo_file, as_args, cli, mode_flags, run_cli, tiny_flags, write_rows
 from model.evaluation import evaluate
 from model.trainer import ChatTrainer, get_lr_lambda, get_optimizer
 
@@ -95,16 +95,20 @@ def test_the_learning_rate_is_really_applied(optimizer):
     assert moves[1] == pytest.approx(2 * moves[0], rel=1e-4)
 
 
-def test_accumulation_scales_the_loss_exactly_once(tmp_path, tokenizer_dir):
+@pytest.mark.parametrize("mode", list(MODES))
+def test_accumulation_scales_the_loss_exactly_once(tmp_path, tokenizer_dir, base_model, mode):
     # Rows of equal length: 4 micro-batches of 2 rows and 1 batch of the same 8 rows give the
     # same mean loss, so gradients and updates must match.
     n = [1234, 5678, 9012, 3456, 7890, 2345, 6789, 1357] * 2
     path = write_rows(tmp_path / "eq.parquet", [f"{x}是多少？" for x in n], [str(x)[::-1] for x in n])
+    extra, pairs = mode_flags(mode, base_model)
+    if pairs:
+        path = as_dpo_file(path, tmp_path / "eq_pairs.parquet")
     # Adafactor's update is continuous in the gradient (Adam's first steps are nearly its sign, which
     # turns rounding noise in near-zero gradients into full-size differences); the grad norm,
     # logged before clipping, catches a loss scaled twice.
     common = dict(train_file=path, validation_file="", max_steps=2, dataloader_buffer_size=8, warmup_steps=0,
-                  max_grad_norm=1e9, optimizer="adafactor", learn_rate=1e-2)
+                  max_grad_norm=1e9, optimizer="adafactor", learn_rate=1e-2, **extra)
     micro = run_in_process(tmp_path / "micro", tmp_path, tokenizer_dir, batch_size_per_gpu=2,
                            gradient_accumulation_steps=4, **common)
     from accelerate.state import AcceleratorState, GradientState
@@ -113,7 +117,9 @@ def test_accumulation_scales_the_loss_exactly_once(tmp_path, tokenizer_dir):
     whole = run_in_process(tmp_path / "whole", tmp_path, tokenizer_dir, batch_size_per_gpu=8,
                            gradient_accumulation_steps=1, **common)
     assert micro.progress.micro_step == 8 and whole.progress.micro_step == 2
-    for (_, a), (_, b) in zip(logged(micro, "grad_norm"), logged(whole, "grad_norm"), strict=True):
+    norms = logged(micro, "grad_norm"), logged(whole, "grad_norm")
+    assert len(norms[0]) == len(norms[1]) == 2  # one per step: the comparison below is not empty
+    for (_, a), (_, b) in zip(*norms, strict=True):
         assert a == pytest.approx(b, rel=1e-5)
     wa, wb = micro.accelerator.unwrap_model(micro.model), whole.accelerator.unwrap_model(whole.model)
     for (name, pa), pb in zip(wa.named_parameters(), wb.parameters()):
@@ -122,9 +128,16 @@ def test_accumulation_scales_the_loss_exactly_once(tmp_path, tokenizer_dir):
 
     from config import T5ModelConfig
     from model.chat_model import TextToTextModel, get_t5_config
-    set_seed(micro.cfg.seed)  # the initial weights of both runs
-    init = TextToTextModel(get_t5_config(T5ModelConfig.preset("tiny"), len(micro.tokenizer)))
-    assert (init.lm_head.weight - wa.lm_head.weight).abs().max() > 1e-3  # the updates are not trivial
+    if mode == "seq2seq":
+        set_seed(micro.cfg.seed)  # the initial weights of both runs
+        init = TextToTextModel(get_t5_config(T5ModelConfig.preset("tiny"), len(micro.tokenizer)))
+    else:
+        init = TextToTextModel.from_pretrained(base_model)
+    start = {k: v for k, v in init.state_dict().items()}
+    moved = max(float((p.detach() - start[n.replace("base_model.model.", "").replace(".base_layer", "")]).abs().max())
+                for n, p in wa.named_parameters() if p.requires_grad and "lora_" not in n) if mode != "lora" \
+        and mode != "lora+kl" else max(float(p.abs().max()) for n, p in wa.named_parameters() if "lora_B" in n)
+    assert moved > 1e-3  # the updates are not trivial
 
 
 class FakeSeq2Seq(torch.nn.Module):
@@ -230,19 +243,32 @@ def read_trace(out_dir):
         return [json.loads(line)["rows"] for line in f]
 
 
-def test_resume_after_sigterm_twice_matches_an_uninterrupted_run(tmp_path, data_dir, tokenizer_dir):
-    # 60 optimizer steps of 2 micro-batches: 120 batches, over two epochs of 50 batches.
-    common = dict(max_steps=60, gradient_accumulation_steps=2, epochs=5, trace_samples=True, learn_rate=3e-3,
-                  warmup_steps=10)
+def mode_data(mode, base_model, data_dir, tmp_path, train_file=None):
+    """The flags of a mode, with the data (train_file, validation_file) as pairs where it needs them."""
+    extra, pairs = mode_flags(mode, base_model)
+    train_file = train_file or str(data_dir / "train.parquet")
+    if pairs:
+        extra["train_file"] = as_dpo_file(train_file, tmp_path / "train_pairs.parquet")
+        extra["validation_file"] = as_dpo_file(data_dir / "valid.parquet", tmp_path / "valid_pairs.parquet")
+    else:
+        extra["train_file"] = train_file
+    return extra
+
+
+@pytest.mark.parametrize("mode", ["seq2seq", "dpo", "lora"])
+def test_resume_after_sigterm_twice_matches_an_uninterrupted_run(tmp_path, data_dir, tokenizer_dir, base_model, mode):
+    # 40 optimizer steps of 2 micro-batches: 80 batches, over two epochs of 50 batches.
+    common = dict(max_steps=40, gradient_accumulation_steps=2, epochs=5, trace_samples=True, learn_rate=3e-3,
+                  warmup_steps=10, **mode_data(mode, base_model, data_dir, tmp_path))
     straight = tiny_flags(tmp_path / "a", data_dir, tokenizer_dir, **common)
-    run_cli("train.py", "train", *as_args(straight))
+    ChatTrainer(load_config(**straight)).train()  # in this process: the same threads, the same bits
     flags = tiny_flags(tmp_path / "b", data_dir, tokenizer_dir, **common)
-    out = train_until_sigterm(flags, 15, tmp_path / "b1.log")
+    out = train_until_sigterm(flags, 10, tmp_path / "b1.log")
     first_stop = int(re.search(r"stopped at step (\d+)", out).group(1))
-    assert 15 <= first_stop < 60 and "Traceback" not in out
-    out = train_until_sigterm({**flags, "is_keep_training": True}, first_stop + 15, tmp_path / "b2.log")
+    assert 10 <= first_stop < 40 and "Traceback" not in out
+    out = train_until_sigterm({**flags, "is_keep_training": True}, first_stop + 8, tmp_path / "b2.log")
     second_stop = int(re.search(r"stopped at step (\d+)", out).group(1))
-    assert "resumed from" in out and first_stop < second_stop < 60
+    assert "resumed from" in out and first_stop < second_stop < 40
     out = run_cli("train.py", "train", *as_args({**flags, "is_keep_training": True})).stdout
     assert f"step {second_stop + 1}/" in out  # continues at the next step
     a = load_file(os.path.join(straight["output_dir"], "final", "model.safetensors"))
@@ -290,7 +316,7 @@ def test_quickstart_main_command_on_a_reduced_budget(tmp_path):
 
 # ---- user mistakes: one line, exit 2, nothing saved before is touched -------------------
 
-def test_user_errors_are_one_line(tmp_path, data_dir, tokenizer_dir):
+def test_user_errors_are_one_line(tmp_path, data_dir, tokenizer_dir, capsys):
     flags = tiny_flags(tmp_path, data_dir, tokenizer_dir, max_steps=2)
     run_cli("train.py", "train", *as_args(flags))
     state_dir = flags["train_state_dir"]
@@ -323,7 +349,7 @@ def test_user_errors_are_one_line(tmp_path, data_dir, tokenizer_dir):
         "must be int": {"epochs": "many"},
     }
     for message, change in cases.items():
-        proc = run_cli("train.py", "train", *as_args({**flags, **change}), check=False)
+        proc = cli(capsys, "train", *as_args({**flags, **change}))
         assert proc.returncode == 2, (message, proc.stdout[-2000:], proc.stderr[-2000:])
         assert message in proc.stderr and proc.stderr.strip().count("\n") == 0, (message, proc.stderr)
         assert "Traceback" not in proc.stdout + proc.stderr
@@ -366,10 +392,13 @@ def uneven_file(tmp_path_factory):
     return str(path), sorted(set(range(203)) - set(range(0, 203, 17)))
 
 
-def test_two_processes_two_workers_train_on_every_row_once(tmp_path, uneven_file, tokenizer_dir, data_dir):
+@pytest.mark.parametrize("mode", ["seq2seq", "dpo", "lora+kl"])
+def test_two_processes_two_workers_train_on_every_row_once(tmp_path, uneven_file, tokenizer_dir, data_dir, base_model,
+                                                           mode):
     path, non_empty_rows = uneven_file
-    flags = tiny_flags(tmp_path, data_dir, tokenizer_dir, train_file=path, num_workers=2, batch_size_per_gpu=4,
-                       dataloader_buffer_size=16, trace_samples=True, validation_file="")
+    flags = tiny_flags(tmp_path, data_dir, tokenizer_dir, num_workers=2, batch_size_per_gpu=4,
+                       dataloader_buffer_size=16, trace_samples=True,
+                       **{**mode_data(mode, base_model, data_dir, tmp_path, train_file=path), "validation_file": ""})
     proc = subprocess.run(launch_two(flags), cwd=ROOT, capture_output=True, text=True, timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = traced_rows(flags["output_dir"])
