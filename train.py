@@ -9,6 +9,7 @@
     python train.py evaluate --model_dir=model_save/best --test_file=data/demo_test.parquet
     python train.py chat --model_dir=model_save/best [--prompt=...]
     python train.py make_dpo_pairs --model_dir=model_save/best --input=sft.parquet --output=pairs.parquet
+    python train.py serve --model_dir=model_save/best [--host=127.0.0.1 --port=8000 --api_key=KEY]
     python train.py COMMAND --help                               # the command's flags
 
 Every TrainConfig field (config.py) is a flag of `train`; --config=FILE.yaml comes first, flags win.
@@ -155,8 +156,63 @@ def make_dpo_pairs(model_dir: str, input: str, output: str, batch_size: int = 32
           f"{counts['empty']:,} empty rows skipped")
 
 
+def serve(model_dir: str = "./model_save/best", host: str = "127.0.0.1", port: int = 8000, api_key: str = "",
+          allow_remote_without_key: bool = False, model_name: str = "", max_batch_size: int = 16,
+          max_queue: int = 64, batch_wait_ms: float = 10.0, max_body_bytes: int = 64 * 1024,
+          max_prompt_tokens: int = 0, max_tokens: int = 1024, timeout_s: float = 300.0, device: str = ""):
+    """Serve a model over HTTP: OpenAI's /v1/chat/completions (streaming too), /api/chat, a web chat at /.
+
+    Args:
+        model_dir: a model directory written by `train` (best/ or final/).
+        host: the address to listen on; anything but localhost needs an API key.
+        port: the TCP port.
+        api_key: clients must send 'Authorization: Bearer KEY'; default: $CHATLM_API_KEY, else no key.
+        allow_remote_without_key: listen on a non-local --host without a key, on purpose.
+        model_name: the model's id in the API; default: the last two parts of model_dir (demo/best).
+        max_batch_size: requests generated together.
+        max_queue: requests waiting beyond those; more in flight are answered 429.
+        batch_wait_ms: how long the first waiting request waits for others to join its batch.
+        max_body_bytes: the largest request body (413 beyond).
+        max_prompt_tokens: the longest prompt in tokens (400 beyond); 0: the tokenizer's model_max_length.
+        max_tokens: the most tokens a request may ask to generate (400 beyond).
+        timeout_s: seconds a request may wait and generate in all (504 beyond).
+        device: cpu, cuda, cuda:1, ...; default: cuda when there is one.
+    """
+    import math
+
+    from serve.app import API_KEY_ENV, Limits, check_port_free, is_loopback, run
+    if not 0 < port < 65536:
+        raise UserError(f"--port={port} is not a TCP port; pass 1 to 65535")
+    for name, value in (("max_batch_size", max_batch_size), ("max_body_bytes", max_body_bytes),
+                        ("max_tokens", max_tokens)):
+        if value <= 0:
+            raise UserError(f"--{name} must be > 0, got {value}")
+    if max_queue < 0 or max_prompt_tokens < 0 or batch_wait_ms < 0 or not (timeout_s > 0 and math.isfinite(timeout_s)):
+        raise UserError("--max_queue, --max_prompt_tokens and --batch_wait_ms must be >= 0, --timeout_s > 0")
+    key = api_key or os.environ.get(API_KEY_ENV, "")
+    if not is_loopback(host) and not key and not allow_remote_without_key:
+        raise UserError(f"--host={host} can be reached from other machines: set --api_key=KEY (or ${API_KEY_ENV}), "
+                        "or pass --allow_remote_without_key=True to serve without a key on purpose")
+    if device:
+        import torch
+        try:
+            torch.device(device)
+        except RuntimeError:
+            raise UserError(f"--device={device!r} is not a device; pass cpu, cuda or cuda:N") from None
+        if device.startswith("cuda") and not torch.cuda.is_available():
+            raise UserError(f"--device={device} but this machine has no CUDA GPU; pass --device=cpu")
+    check_port_free(host, port)
+    from model.infer import ChatBot
+    bot = ChatBot(model_dir, device or None)
+    limits = Limits(max_body_bytes=max_body_bytes, max_prompt_tokens=max_prompt_tokens or bot.max_prompt_tokens,
+                    max_tokens=max_tokens, default_max_tokens=min(bot.max_new_tokens, max_tokens), timeout_s=timeout_s)
+    parts = os.path.normpath(os.path.abspath(model_dir)).split(os.sep)
+    run(bot, host, port, model_name or "/".join(parts[-2:]), key or None, limits, max_batch_size, max_queue,
+        batch_wait_ms)
+
+
 COMMANDS = {"train": train, "train_tokenizer": train_tokenizer, "evaluate": evaluate, "chat": chat,
-            "make_dpo_pairs": make_dpo_pairs}
+            "make_dpo_pairs": make_dpo_pairs, "serve": serve}
 
 if __name__ == "__main__":
     run_cli(COMMANDS, "train.py")

@@ -47,6 +47,15 @@ SEARCH_TYPES = {
 class TextToTextModel(T5ForConditionalGeneration):
     """T5 with the original project's `my_generate` helper."""
 
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        # config.json names the class other tools know (converters, serving engines map
+        # `architectures` to their own implementation); this subclass adds no weights.
+        # Directories saved before, naming TextToTextModel, still load here and with Auto*.
+        super().save_pretrained(save_directory, *args, **kwargs)
+        self.config.architectures = ["T5ForConditionalGeneration"]
+        if kwargs.get("is_main_process", True):
+            self.config.save_pretrained(save_directory)
+
     @torch.no_grad()
     def my_generate(self, input_ids: torch.LongTensor, attention_mask: torch.LongTensor | None = None,
                     max_seq_len: int = 256, search_type: str = "greedy", streamer=None,

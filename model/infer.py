@@ -40,10 +40,13 @@ class ChatBot:
             raise UserError(f"cannot load the model in {model_dir} ({describe_error(err)}); "
                             "pass --model_dir= an intact directory written by `train`") from None
         self.max_new_tokens = self.model.generation_config.max_new_tokens or 256
+        # Prompts are cut where training cut them (the tokenizer keeps the run's max_seq_len).
+        limit = self.tokenizer.model_max_length
+        self.max_prompt_tokens = limit if 0 < limit < 1_000_000 else 512
 
     def encode(self, prompts: list[str]) -> dict:
         # The tokenizer appends [EOS]: the same encoder input as in training.
-        return self.tokenizer(prompts, padding=True, truncation=True, max_length=self.max_new_tokens,
+        return self.tokenizer(prompts, padding=True, truncation=True, max_length=self.max_prompt_tokens,
                               return_tensors="pt", return_token_type_ids=False).to(self.device)
 
     def answer(self, prompts: str | list[str], search_type: str = "greedy", batch_size: int = 32,
