@@ -59,7 +59,7 @@ class TrainConfig:
 
     # Model and modes: an objective, where to start, what trains.
     model_size: str = "small"  # a preset of T5ModelConfig: tiny or small
-    objective: str = "seq2seq"  # seq2seq (prompt -> response) or dpo (prompt, chosen, rejected)
+    objective: str = "seq2seq"  # seq2seq (prompt -> response), dpo (prompt, chosen, rejected) or grpo (prompt + reward)
     init_from: str = ""  # a model directory or .safetensors to start from; the reference of dpo and kl_beta
     trainable: str = "all"  # all, decoder (shared embedding and encoder frozen) or lora (peft adapters only)
     is_finetune: bool = False  # the old flag: means --init_from=finetune_from_ckp_file --trainable=decoder
@@ -73,7 +73,17 @@ class TrainConfig:
     dpo_label_smoothing: float = 0.0  # DPO sigmoid loss: assumed share of flipped preference labels
     dpo_rpo_alpha: float = 0.0  # DPO: plus this x the NLL of the chosen answers (TRL's rpo_alpha); 0: pure DPO
     kl_beta: float = 0.0  # seq2seq: weight of KL(policy || init_from) per response token; 0: off
-    best_metric: str = ""  # metric that picks best/: "" = bleu4 (seq2seq) or rewards/accuracy (dpo)
+    reward: str = "exact_match"  # GRPO: exact_match, char_f1, module:function, or weighted: 'exact_match=1,char_f1=0.5'
+    grpo_group_size: int = 8  # GRPO: completions sampled per prompt
+    grpo_max_new_tokens: int = 32  # GRPO: longest completion sampled
+    grpo_temperature: float = 1.0  # GRPO: sampling temperature
+    grpo_top_p: float = 1.0  # GRPO: nucleus sampling mass (1: off)
+    grpo_clip_eps: float = 0.2  # GRPO: ratio clipped to [1 - eps, 1 + eps_high]
+    grpo_clip_eps_high: float = 0.0  # GRPO: upper clip (0: the same as grpo_clip_eps)
+    grpo_beta: float = 0.0  # GRPO: weight of the k3 KL to init_from per token; 0: no reference is loaded
+    grpo_iterations: int = 1  # GRPO: optimizer updates on each batch of samples (ratio clipped from the 2nd on)
+    grpo_loss_aggregation: str = "token"  # GRPO: mean over the batch's tokens (token) or per completion (sequence)
+    best_metric: str = ""  # metric that picks best/: "" = bleu4 (seq2seq), rewards/accuracy (dpo), exact_match (grpo)
     is_keep_training: bool | str = False  # resume from the latest intact state; auto: resume if there is one
     trust_pickled_state: bool = False  # resume from a state in the old pickle format (it can run code: only your own)
     overwrite: bool = False  # a fresh run may replace the states already in train_state_dir
@@ -134,11 +144,12 @@ class TrainConfig:
     @property
     def best(self) -> str:
         """The metric that picks best/."""
-        return self.best_metric or ("rewards/accuracy" if self.objective == "dpo" else "bleu4")
+        return self.best_metric or {"dpo": "rewards/accuracy", "grpo": "exact_match"}.get(self.objective, "bleu4")
 
 
 CHOICES = {
-    "objective": ("seq2seq", "dpo"),
+    "objective": ("seq2seq", "dpo", "grpo"),
+    "grpo_loss_aggregation": ("token", "sequence"),
     "trainable": ("all", "decoder", "lora"),
     "dpo_loss": ("sigmoid", "ipo", "hinge"),
     "optimizer": ("adamw", "adafactor"),
@@ -148,13 +159,16 @@ CHOICES = {
 }
 POSITIVE = ("epochs", "batch_size_per_gpu", "gradient_accumulation_steps", "learn_rate", "div_factor",
             "vocab_size", "max_seq_len", "dataloader_buffer_size", "logging_steps", "save_steps",
-            "keep_latest_n_ckp", "max_eval_rows", "max_bad_steps", "lora_r", "lora_alpha", "dpo_beta")
+            "keep_latest_n_ckp", "max_eval_rows", "max_bad_steps", "lora_r", "lora_alpha", "dpo_beta",
+            "grpo_max_new_tokens", "grpo_temperature", "grpo_iterations")
 NON_NEGATIVE = ("max_steps", "warmup_steps", "weight_decay", "max_grad_norm", "num_workers", "eval_steps",
-                "empty_cache_steps", "kl_beta", "lora_dropout", "dpo_label_smoothing", "dpo_rpo_alpha")
+                "empty_cache_steps", "kl_beta", "lora_dropout", "dpo_label_smoothing", "dpo_rpo_alpha",
+                "grpo_clip_eps", "grpo_clip_eps_high", "grpo_beta")
 # Metrics an evaluation reports, per objective (exact_match/<task> too, for a file with a task column).
 EVAL_METRICS = {"seq2seq": ("loss", "perplexity", "bleu4", "exact_match", "kl"),
                 "dpo": ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin", "bleu4",
-                        "exact_match")}
+                        "exact_match"),
+                "grpo": ("loss", "perplexity", "bleu4", "exact_match")}
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -190,6 +204,20 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError("--kl_beta needs --init_from=DIR: the KL is taken to the model training starts from")
     if cfg.kl_beta and cfg.objective != "seq2seq":
         raise UserError("--kl_beta is for --objective=seq2seq; DPO keeps to its reference through --dpo_beta")
+    if cfg.objective == "grpo":
+        if not cfg.start_from:
+            raise UserError("--objective=grpo needs --init_from=DIR (the model to improve, e.g. model_save/best): "
+                            "sampling from an untrained model earns no reward")
+        if cfg.grpo_group_size < 2:
+            raise UserError(f"--grpo_group_size must be at least 2 (advantages compare a group's completions), "
+                            f"got {cfg.grpo_group_size}")
+        if not 0 < cfg.grpo_top_p <= 1:
+            raise UserError(f"--grpo_top_p must be in (0, 1], got {cfg.grpo_top_p}")
+        if cfg.grpo_iterations > 1 and cfg.gradient_accumulation_steps > 1:
+            raise UserError("--grpo_iterations > 1 needs --gradient_accumulation_steps=1: each update reuses one "
+                            "batch of samples; give a larger --batch_size_per_gpu instead")
+        from model.rewards import parse_rewards
+        parse_rewards(cfg.reward)  # imports the user's function now, not at the first step
     if cfg.trainable == "lora" and not cfg.lora_target_modules:
         raise UserError("--lora_target_modules is empty; name the layers that get adapters (e.g. q,k,v,o,wi,wo)")
     if not 0 <= cfg.lora_dropout < 1 or not 0 <= cfg.dpo_label_smoothing < 0.5:

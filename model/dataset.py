@@ -195,9 +195,12 @@ class TrainStream(IterableDataset):
         self.workers = max(1, num_workers)
         for path in files:
             open_parquet(path, self.columns)  # a missing or non-string column fails now, naming what is there
+        # Columns that travel as raw values in batch["texts"] (what GRPO's rewards read).
+        self.text_columns = text_columns(self.objective, files)
+        self.read_columns = self.columns + tuple(c for c in self.text_columns if c not in self.columns)
         self.pieces = get_pieces(files)
         # Held in memory, the table is shared with the DataLoader workers by fork.
-        self.tables = [pq.read_table(f, columns=list(self.columns)) for f in files] if keep_in_memory else None
+        self.tables = [pq.read_table(f, columns=list(self.read_columns)) for f in files] if keep_in_memory else None
         self._open: dict[int, pq.ParquetFile] = {}
         self.set_epoch(0)
 
@@ -246,13 +249,14 @@ class TrainStream(IterableDataset):
         skipped = 0  # empty rows not yet reported; a resumed window's were reported before
         held = None  # each batch waits for the next, so the shard's last one can carry trailing empties
         for k, texts, rows in self.windows(shard, window):
-            keep = non_empty(*texts.values())
+            keep = non_empty(*(texts[c] for c in self.columns))
             if not (k == window and done):
                 skipped += int((~keep).sum())
             if not keep.any():
                 continue
-            ids = {c: encode(self.tokenizer, [t for t, m in zip(v, keep) if m], self.max_seq_len)
-                   for c, v in texts.items()}
+            ids = {c: encode(self.tokenizer, [t for t, m in zip(texts[c], keep) if m], self.max_seq_len)
+                   for c in self.columns}
+            raw = {c: [t for t, m in zip(texts[c], keep) if m] for c in self.text_columns}
             rows = rows[keep]
             release_memory()
             rng = np.random.default_rng([self.seed, self.epoch, shard, k])
@@ -266,6 +270,8 @@ class TrainStream(IterableDataset):
                 if k == window and j < done:
                     continue
                 batch = self.objective.collate({c: [ids[c][i] for i in idx] for c in self.columns})
+                if raw:
+                    batch["texts"] = {c: [raw[c][i] for i in idx] for c in raw}
                 batch["row_index"] = torch.from_numpy(rows[idx])
                 batch["position"] = (shard, k, j + 1)
                 batch["skipped"], skipped = skipped, 0
@@ -314,14 +320,33 @@ class TrainStream(IterableDataset):
             # Batch by batch on one thread: decoding a whole row group at once peaks at about
             # five times its size. Then hand the decode buffers back to the system.
             table = pa.Table.from_batches(list(pf.iter_batches(
-                batch_size=8192, row_groups=[piece.row_group], columns=list(self.columns),
+                batch_size=8192, row_groups=[piece.row_group], columns=list(self.read_columns),
                 use_threads=False))).slice(lo, hi - lo)
             release_memory()
         index = pa.array(np.arange(piece.first_row + lo, piece.first_row + hi, dtype=np.int64))
         return table.append_column("row_index", index)
 
     def _columns(self, table: pa.Table):
-        return {c: table.column(c).to_pylist() for c in self.columns}, table.column("row_index").to_numpy()
+        return {c: table.column(c).to_pylist() for c in self.read_columns}, table.column("row_index").to_numpy()
+
+
+def text_columns(objective, files: list[str]) -> tuple[str, ...]:
+    """The raw columns `objective` wants in its batches; "*" means every column of the files.
+    A column the files lack is an error now, naming what they have."""
+    wanted = tuple(getattr(objective, "text_columns", ()))
+    if not wanted:
+        return ()
+    names = open_parquet(files[0], ()).schema_arrow.names
+    if "*" in wanted:
+        wanted = tuple(dict.fromkeys([c for c in wanted if c != "*"] + names))
+    for path in files:
+        have = open_parquet(path, ()).schema_arrow.names
+        missing = [c for c in wanted if c not in have]
+        if missing:
+            from utils.errors import UserError
+            raise UserError(f"{path} has no column {', '.join(missing)} (found: {', '.join(have)}); "
+                            f"the reward reads it")
+    return wanted
 
 
 def _ignore_signals(_worker_id: int) -> None:

@@ -10,11 +10,18 @@ The trainer and the data stream never ask which objective they run.
 - `DPO`: direct preference optimisation (Rafailov et al. 2023) for an encoder-decoder. TRL
   dropped its encoder-decoder path (0.29) and 0.28 does not import with our transformers, so
   the loss is written here, following TRL's formulas (sigmoid with label smoothing, ipo, hinge).
+- `GRPO`: group relative policy optimisation (Shao et al. 2024) with verifiable rewards. TRL's
+  GRPOTrainer concatenates prompt and completion for a decoder-only model and has no
+  encoder-decoder path, so it is written here: the encoder reads the prompt, the decoder samples
+  a group of completions, which are then scored as labels.
 """
+import time
+
 import torch
 import torch.nn.functional as F
 
 LABEL_PAD = -100  # ignored by the loss
+EOS = 1  # [EOS]; [PAD] = 0 is also T5's decoder start token
 
 
 def pad(rows: list, value: int) -> torch.Tensor:
@@ -67,6 +74,7 @@ class Reference:
 
 class Seq2Seq:
     name = "seq2seq"
+    updates_per_batch = 1  # optimizer updates the loop makes on each batch
     columns = ("prompt", "response")
     target = "response"  # what greedy answers are compared with
     default_best_metric = "bleu4"
@@ -124,6 +132,7 @@ class Seq2Seq:
 
 class DPO:
     name = "dpo"
+    updates_per_batch = 1
     columns = ("prompt", "chosen", "rejected")
     target = "chosen"
     default_best_metric = "rewards/accuracy"
@@ -199,7 +208,169 @@ class DPO:
         return {k: float(v.mean()) if len(v) else 0.0 for k, v in sums.items()}
 
 
+class GRPO(Seq2Seq):
+    """Samples `group_size` completions per prompt, rewards them, and pushes up the log-probability
+    of those better than their group's mean (a clipped ratio objective, as PPO's), optionally
+    held to the reference by the k3 estimator of KL(policy || reference).
+
+    Evaluation is Seq2Seq's (loss on `response`, greedy answers against it): exact match is what
+    the built-in rewards train for. Sampling uses the process's torch RNG, which the train
+    state saves, so a resumed run samples what the uninterrupted one would have.
+    """
+    name = "grpo"
+    default_best_metric = "exact_match"
+
+    def __init__(self, rewards: list, group_size: int = 8, max_new_tokens: int = 32, temperature: float = 1.0,
+                 top_p: float = 1.0, clip_eps: float = 0.2, clip_eps_high: float = 0.0, beta: float = 0.0,
+                 loss_aggregation: str = "token", iterations: int = 1):
+        super().__init__(0.0)
+        # grpo_iterations: updates on each batch of samples (the loop repeats the batch; the
+        # samples are kept in it, under "rollout").
+        self.updates_per_batch = iterations
+        self.rewards, self.group_size, self.max_new_tokens = rewards, group_size, max_new_tokens
+        self.temperature, self.top_p = temperature, top_p
+        self.clip_low, self.clip_high = clip_eps, clip_eps_high or clip_eps
+        self.beta, self.loss_aggregation = beta, loss_aggregation
+        self.needs_reference = beta > 0
+        self.tokenizer = None  # set by the trainer: completions are decoded for the rewards
+        # Raw text the rewards read travels with each batch (batch["texts"]); "*": every column.
+        wanted = {"prompt"} | {c for r in rewards for c in r.columns}
+        self.text_columns = tuple(sorted(wanted)) + (("*",) if any(r.all_columns for r in rewards) else ())
+        self.metric_names = (("loss", "reward", "reward_std", "zero_std_groups", "completion_length", "clip_fraction")
+                             + (("kl",) if beta else ())
+                             + (tuple(f"reward/{r.name}" for r in rewards) if len(rewards) > 1 else ())
+                             + ("sample_seconds", "train_seconds", "sampled_tokens_per_s"))
+        self._last_call = None  # when the previous micro-step's sampling ended
+
+    # ---- the formulas, on tensors (tested against a direct implementation) -------------
+    def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
+        """(B*G,) rewards, groups consecutive -> (r - group mean) / (group std + 1e-4).
+        The std is the unbiased one (torch's default, as TRL's)."""
+        r = rewards.view(-1, self.group_size)
+        return ((r - r.mean(1, keepdim=True)) / (r.std(1, keepdim=True) + 1e-4)).view(-1)
+
+    def policy_loss(self, logps, old_logps, advantages, mask, ref_logps=None) -> tuple[torch.Tensor, dict]:
+        """Per-token clipped ratio objective (+ beta x k3 KL), aggregated over `mask`ed tokens.
+
+        logps, old_logps, ref_logps, mask: (N, T); advantages: (N,).
+        """
+        ratio = torch.exp(logps - old_logps)
+        a = advantages[:, None]
+        per_token = -torch.min(ratio * a, ratio.clamp(1 - self.clip_low, 1 + self.clip_high) * a)
+        m = mask.float()
+        stats = {}
+        if self.beta:
+            delta = ref_logps - logps
+            kl = torch.exp(delta) - delta - 1  # k3: unbiased, always >= 0 (Schulman 2020)
+            per_token = per_token + self.beta * kl
+            stats["kl"] = ((kl * m).sum() / m.sum().clamp(min=1)).detach()
+        if self.loss_aggregation == "token":  # every completion token of the batch weighs the same
+            loss = (per_token * m).sum() / m.sum().clamp(min=1)
+        else:  # every completion weighs the same
+            loss = ((per_token * m).sum(1) / m.sum(1).clamp(min=1)).mean()
+        clipped = ((ratio < 1 - self.clip_low) & (a < 0)) | ((ratio > 1 + self.clip_high) & (a > 0))
+        stats["clip_fraction"] = ((clipped.float() * m).sum() / m.sum().clamp(min=1)).detach()
+        return loss, stats
+
+    @staticmethod
+    def completion_labels(sequences: torch.Tensor) -> torch.Tensor:
+        """generate()'s (N, 1 + T) output -> (N, T) labels: the sampled tokens up to and with the
+        first [EOS]; what follows it (padding) is LABEL_PAD and carries no loss."""
+        tokens = sequences[:, 1:]  # position 0 is the decoder start token
+        after_eos = (tokens == EOS).int().cumsum(1) - (tokens == EOS).int() > 0
+        return tokens.masked_fill(after_eos, LABEL_PAD)
+
+    @staticmethod
+    def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return torch.gather(logits.float().log_softmax(-1), 2, labels.clamp(min=0).unsqueeze(2)).squeeze(2)
+
+    # ---- one micro-step ------------------------------------------------------------------
+    def sample(self, model, batch: dict) -> torch.Tensor:
+        policy = getattr(model, "module", model)  # DDP's wrapper has no generate
+        training = policy.training
+        policy.eval()  # no dropout while sampling
+        try:
+            with torch.no_grad():
+                out = policy.generate(input_ids=batch["input_ids"], attention_mask=batch["attention_mask"],
+                                      do_sample=True, temperature=self.temperature, top_p=self.top_p, top_k=0,
+                                      max_new_tokens=self.max_new_tokens, num_return_sequences=self.group_size,
+                                      decoder_start_token_id=0, pad_token_id=0, eos_token_id=EOS)
+        finally:
+            policy.train(training)
+        return self.completion_labels(out)
+
+    def score(self, batch: dict, labels: torch.Tensor) -> tuple[torch.Tensor, dict]:
+        """Weighted sum of the rewards of every completion, and each reward's mean."""
+        n, g = batch["input_ids"].shape[0], self.group_size
+        texts = batch.get("texts") or {}
+        columns = {c: [v for v in values for _ in range(g)] for c, values in texts.items()}
+        prompts = columns.pop("prompt", [""] * n * g)
+        completions = self.tokenizer.batch_decode(labels.clamp(min=0), skip_special_tokens=True)
+        total = torch.zeros(n * g)
+        means = {}
+        for reward in self.rewards:
+            wanted = columns if reward.all_columns else {c: columns.get(c, [""] * n * g) for c in reward.columns}
+            values = torch.tensor(reward(prompts, completions, wanted))
+            total += reward.weight * values
+            means[f"reward/{reward.name}"] = values.mean()
+        return total, means
+
+    def rollout(self, model, batch: dict) -> dict:
+        """Sample and score the batch's groups: completions, rewards, advantages, seconds."""
+        started = time.perf_counter()
+        train_seconds = started - self._last_call if self._last_call is not None else 0.0
+        labels = self.sample(model, batch)
+        sample_seconds = time.perf_counter() - started
+        self._last_call = time.perf_counter()
+        rewards, reward_means = self.score(batch, labels)
+        return {"labels": labels, "rewards": rewards, "reward_means": reward_means,
+                "advantages": self.advantages(rewards).to(labels.device), "old_logps": None,
+                "sample_seconds": sample_seconds, "train_seconds": train_seconds}
+
+    def loss(self, model, batch: dict, reference: Reference | None) -> tuple[torch.Tensor, dict]:
+        rollout = batch.get("rollout")
+        first = rollout is None
+        if first:
+            rollout = batch["rollout"] = self.rollout(model, batch)
+        labels, rewards, advantages = rollout["labels"], rollout["rewards"], rollout["advantages"]
+        # Per update: the sampling's cost is shared by the updates on its samples.
+        sample_seconds = rollout["sample_seconds"] / self.updates_per_batch
+        train_seconds = rollout["train_seconds"] / self.updates_per_batch
+        reward_means = rollout["reward_means"]
+        g = self.group_size
+        inputs = {"input_ids": batch["input_ids"].repeat_interleave(g, 0),
+                  "attention_mask": batch["attention_mask"].repeat_interleave(g, 0), "labels": labels}
+        # Log-probabilities of the distribution sampled from: the logits over the temperature (as TRL).
+        logps = self.token_logps(model(**inputs).logits / self.temperature, labels)
+        if first:
+            # No update since the sampling: this policy sampled them, so the ratio is 1 (its
+            # gradient is the policy gradient) and no second forward is needed. Later updates
+            # on the same samples compare with these.
+            rollout["old_logps"] = logps.detach()
+            if reference is not None and self.beta:
+                rollout["ref_logps"] = self.token_logps(reference(**inputs).logits / self.temperature, labels)
+        old, ref = rollout["old_logps"], rollout.get("ref_logps")
+        mask = labels != LABEL_PAD
+        loss, stats = self.policy_loss(logps, old, advantages, mask, ref)
+        grouped = rewards.view(-1, g)
+        device = loss.device
+        tokens = mask.sum()
+        values = {"loss": loss.detach(), "reward": rewards.mean(), "reward_std": rewards.std(),
+                  "zero_std_groups": (grouped.max(1).values == grouped.min(1).values).float().mean(),
+                  "completion_length": mask.sum(1).float().mean(), **stats,
+                  "sample_seconds": torch.tensor(sample_seconds), "train_seconds": torch.tensor(train_seconds),
+                  "sampled_tokens_per_s": tokens.float() / max(rollout["sample_seconds"], 1e-9)}
+        if len(self.rewards) > 1:
+            values.update(reward_means)
+        return loss, {k: torch.as_tensor(v, dtype=torch.float32).to(device) for k, v in values.items()}
+
+
 def get_objective(cfg):
+    if cfg.objective == "grpo":
+        from model.rewards import parse_rewards
+        return GRPO(parse_rewards(cfg.reward), cfg.grpo_group_size, cfg.grpo_max_new_tokens, cfg.grpo_temperature,
+                    cfg.grpo_top_p, cfg.grpo_clip_eps, cfg.grpo_clip_eps_high, cfg.grpo_beta,
+                    cfg.grpo_loss_aggregation, cfg.grpo_iterations)
     if cfg.objective == "dpo":
         return DPO(cfg.dpo_beta, cfg.dpo_loss, cfg.dpo_label_smoothing, cfg.dpo_rpo_alpha)
     return Seq2Seq(cfg.kl_beta)

@@ -31,7 +31,8 @@ from transformers.optimization import Adafactor
 import model.checkpoint as ckpt
 from config import T5ModelConfig, TrainConfig
 from model.chat_model import TextToTextModel, get_generation_config, get_t5_config
-from model.dataset import EvalSet, TrainStream, batches_per_epoch, describe, get_eval_loader, get_pieces, get_train_loader
+from model.dataset import (EvalSet, TrainStream, batches_per_epoch, describe, get_eval_loader, get_pieces,
+                           get_train_loader, text_columns)
 from model.evaluation import evaluate, is_better, score_file
 from model.objectives import Reference, get_objective
 from utils.cli import coerce
@@ -330,6 +331,7 @@ class ChatTrainer:
         if acc.mixed_precision == "fp16":
             self.logger.warning("fp16 overflows in T5's feed-forward layers; prefer --mixed_precision=bf16")
         self.tokenizer = self.get_tokenizer()
+        self.objective.tokenizer = self.tokenizer  # an objective that samples decodes with it
         self.model, self.reference = self.get_model()
         self.stream = self.get_stream()
         self.loader = get_train_loader(self.stream, cfg.num_workers, pin_memory=acc.device.type == "cuda")
@@ -368,6 +370,7 @@ class ChatTrainer:
         columns = self.objective.columns
         for path in self.train_files:
             check_data_file(path, columns, what="train_file")
+        text_columns(self.objective, self.train_files)  # what the rewards read is there
         for what in ("validation_file", "test_file"):
             if getattr(cfg, what):
                 check_data_file(getattr(cfg, what), columns, what=what)
@@ -542,7 +545,7 @@ class ChatTrainer:
         per_epoch = max(batches_per_epoch(pieces, range(rank * workers, (rank + 1) * workers), processes * workers,
                                           cfg.dataloader_buffer_size, cfg.batch_size_per_gpu)
                         for rank in range(processes))
-        total = per_epoch * cfg.epochs // cfg.gradient_accumulation_steps
+        total = per_epoch * cfg.epochs // cfg.gradient_accumulation_steps * self.objective.updates_per_batch
         if total == 0:
             raise UserError(f"the training data gives {per_epoch * cfg.epochs} batches in all, fewer than one "
                             f"optimizer step of {cfg.gradient_accumulation_steps}; lower "
@@ -802,28 +805,34 @@ class ChatTrainer:
                 self.record_batch(batch)
                 # DDP averages over all processes; this makes it the mean over those with data.
                 weight = acc.num_processes / active
-            batch = {k: v.to(acc.device, non_blocking=True) for k, v in batch.items()}
-            with acc.accumulate(model):
-                loss, values = self.objective.loss(model, batch, self.reference)
-                acc.backward(loss * weight)  # Accelerate divides by gradient_accumulation_steps: once
-                if acc.sync_gradients:
-                    self.apply_update()
-            if weight:
-                self.meters.add(values)
-            if not acc.sync_gradients:
-                continue
-            progress.step += 1
-            self.bar.update(1)
-            self.maybe_log()
-            self.maybe_release_memory()
-            if cfg.eval_steps and progress.step % cfg.eval_steps == 0:
-                self.maybe_evaluate()
-            if stop_pending:
-                return True
-            if progress.step % cfg.save_steps == 0:
-                self.save_state()
-            if self.reached_max_steps():
-                return False
+            batch = {k: v.to(acc.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
+            saves = progress.step // cfg.save_steps
+            # An objective may make several updates on one batch (GRPO's iterations on one batch
+            # of samples; it keeps them in the batch). A stop or a train state comes only after the
+            # last of them, so a resume starts at a batch boundary.
+            updates = self.objective.updates_per_batch
+            for update in range(updates):
+                with acc.accumulate(model):
+                    loss, values = self.objective.loss(model, batch, self.reference)
+                    acc.backward(loss * weight)  # Accelerate divides by gradient_accumulation_steps: once
+                    if acc.sync_gradients:
+                        self.apply_update()
+                if weight:
+                    self.meters.add(values)
+                if not acc.sync_gradients:
+                    continue
+                progress.step += 1
+                self.bar.update(1)
+                self.maybe_log()
+                self.maybe_release_memory()
+                if cfg.eval_steps and progress.step % cfg.eval_steps == 0:
+                    self.maybe_evaluate()
+                if update == updates - 1 and stop_pending:
+                    return True
+                if update == updates - 1 and progress.step // cfg.save_steps > saves:
+                    self.save_state()
+                if self.reached_max_steps():
+                    return False
         return False
 
     def apply_update(self):

@@ -99,7 +99,9 @@ def base_model(data_dir, tokenizer_dir, tmp_path_factory):
 # in: flags, and whether the data must be DPO pairs.
 MODES = {"seq2seq": ({}, False), "dpo": ({"objective": "dpo"}, True),
          "lora": ({"trainable": "lora", "lora_dropout": 0.0}, False),
-         "lora+kl": ({"trainable": "lora", "lora_dropout": 0.0, "kl_beta": 0.1}, False)}
+         "lora+kl": ({"trainable": "lora", "lora_dropout": 0.0, "kl_beta": 0.1}, False),
+         "grpo": ({"objective": "grpo", "grpo_group_size": 2, "grpo_max_new_tokens": 4, "reward": "char_f1"},
+                  False)}
 
 
 def mode_flags(mode, base_model):

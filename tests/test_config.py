@@ -1,7 +1,9 @@
+import os
+
 import pytest
 
 from config import MODEL_PRESETS, TrainConfig, load_config, low_memory
-from conftest import run_cli
+from conftest import ROOT, run_cli
 from utils.errors import UserError
 
 
@@ -72,3 +74,9 @@ def test_cli_unknown_flag_is_one_line_and_exit_2():
     assert proc.stderr.strip().count("\n") == 0, proc.stderr
     assert "unknown flag --epochz; did you mean --epochs?" in proc.stderr and "valid flags" in proc.stderr
     assert "Traceback" not in proc.stderr + proc.stdout
+
+
+@pytest.mark.parametrize("name", sorted(n for n in os.listdir(os.path.join(ROOT, "data")) if n.endswith(".yaml")))
+def test_every_shipped_config_loads(name):
+    cfg = load_config(os.path.join(ROOT, "data", name))
+    assert cfg.train_file and cfg.output_dir
