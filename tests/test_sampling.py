@@ -1,4 +1,4 @@
-"""Tests of the streaming dataset sampler (utils/sampling.py, sample_training_data.py)."""
+"""Tests of the streaming dataset sampler (the utils/sampling package, sample_training_data.py)."""
 import os
 import re
 import subprocess
@@ -345,7 +345,7 @@ def test_failed_write_leaves_no_file(input_1k, tmp_path, monkeypatch):
 
     def fail(*args, **kwargs):
         raise OSError("disk full")
-    monkeypatch.setattr(sampling._Output, "write", fail)
+    monkeypatch.setattr(sampling.parquet_io._Output, "write", fail)
     with pytest.raises(OSError):
         sample_parquet([Source(input_1k, num_samples=10)], str(out), progress=False)
     assert out.read_bytes() == b"previous sample" and os.listdir(tmp_path) == ["out.parquet"]
