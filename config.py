@@ -49,9 +49,12 @@ MODEL_PRESETS = {
 
 @dataclass(frozen=True)
 class TrainConfig:
-    # Data: parquet with string columns prompt/response. train_file may be a list or a glob.
-    train_file: str | list[str] = "./data/my_train_dataset.parquet"  # a path, a glob or a list
+    # Data: parquet with string columns prompt/response. train_file may be a path, a glob, a list, or
+    # {path or glob: weight}: weighted sources, whose rows are drawn in those proportions (see mix_strategy).
+    train_file: str | list[str] | dict[str, float] = "./data/my_train_dataset.parquet"  # path, glob, list, weights
+    mix_strategy: str = "first_exhausted"  # weights: an epoch ends as one runs out, or all (all_exhausted)
     validation_file: str = "./data/my_valid_dataset.parquet"  # "" for no evaluation
+    validation_split: float = 0.0  # without validation_file: this share of the training rows is held out to evaluate on
     test_file: str = ""  # if set, the final model is scored on it at the end of training
     tokenizer_dir: str = "./model_save/tokenizer"  # trained from train_file when missing
     vocab_size: int = 29298  # for a tokenizer trained by `train`
@@ -87,6 +90,7 @@ class TrainConfig:
     is_keep_training: bool | str = False  # resume from the latest intact state; auto: resume if there is one
     trust_pickled_state: bool = False  # resume from a state in the old pickle format (it can run code: only your own)
     overwrite: bool = False  # a fresh run may replace the states already in train_state_dir
+    profile: str = ""  # low_memory: micro-batches of 2, checkpointing, Adafactor, small buffer
 
     # Optimisation. Steps are optimizer steps (after accumulation).
     epochs: int = 8  # passes over train_file
@@ -113,6 +117,9 @@ class TrainConfig:
     # Evaluation, logging, checkpoints.
     eval_steps: int = 0  # also evaluate every N optimizer steps; 0: once per epoch only
     max_eval_rows: int = 500  # validation rows used for loss and BLEU
+    early_stopping_patience: int = 0  # stop after this many evaluations without best_metric improving; 0: off
+    early_stopping_min_delta: float = 0.0  # the least change of best_metric that counts as an improvement
+    regression_file: str = ""  # YAML/JSONL: prompt, expect, match (exact, contains, regex)
     logging_steps: int = 50  # optimizer steps between log lines
     log_with: str = "tensorboard"  # tensorboard or none
     log_memory: bool = False  # add RSS and GPU memory to each log line
@@ -156,6 +163,8 @@ CHOICES = {
     "mixed_precision": ("auto", "no", "bf16", "fp16"),
     "log_with": ("tensorboard", "none"),
     "model_size": tuple(MODEL_PRESETS),
+    "mix_strategy": ("first_exhausted", "all_exhausted"),
+    "profile": ("", "low_memory"),
 }
 POSITIVE = ("epochs", "batch_size_per_gpu", "gradient_accumulation_steps", "learn_rate", "div_factor",
             "vocab_size", "max_seq_len", "dataloader_buffer_size", "logging_steps", "save_steps",
@@ -163,7 +172,8 @@ POSITIVE = ("epochs", "batch_size_per_gpu", "gradient_accumulation_steps", "lear
             "grpo_max_new_tokens", "grpo_temperature", "grpo_iterations")
 NON_NEGATIVE = ("max_steps", "warmup_steps", "weight_decay", "max_grad_norm", "num_workers", "eval_steps",
                 "empty_cache_steps", "kl_beta", "lora_dropout", "dpo_label_smoothing", "dpo_rpo_alpha",
-                "grpo_clip_eps", "grpo_clip_eps_high", "grpo_beta")
+                "grpo_clip_eps", "grpo_clip_eps_high", "grpo_beta", "early_stopping_patience",
+                "early_stopping_min_delta")
 # Metrics an evaluation reports, per objective (exact_match/<task> too, for a file with a task column).
 EVAL_METRICS = {"seq2seq": ("loss", "perplexity", "bleu4", "exact_match", "kl"),
                 "dpo": ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin", "bleu4",
@@ -228,6 +238,17 @@ def validate(cfg: TrainConfig) -> None:
                         f"choose one of {', '.join(EVAL_METRICS[cfg.objective])} (or exact_match/TASK)")
     if not cfg.train_file:
         raise UserError("--train_file is empty; give a parquet file, a list of files or a glob")
+    if isinstance(cfg.train_file, dict):
+        bad = [w for w in cfg.train_file.values() if not w > 0]
+        if bad:
+            raise UserError(f"--train_file weights must be > 0, got {bad[0]}; drop a source instead of weighting it 0")
+    if not 0 <= cfg.validation_split < 1:
+        raise UserError(f"--validation_split must be in [0, 1), got {cfg.validation_split}")
+    if cfg.validation_split and cfg.validation_file:
+        raise UserError("give --validation_file or --validation_split, not both (--validation_file='' to split "
+                        "the training data)")
+    if cfg.early_stopping_patience and not (cfg.validation_file or cfg.validation_split):
+        raise UserError("--early_stopping_patience needs an evaluation: give --validation_file or --validation_split")
 
 
 def merge(cfg: TrainConfig, overrides: dict, source: str) -> TrainConfig:
@@ -244,7 +265,10 @@ def merge(cfg: TrainConfig, overrides: dict, source: str) -> TrainConfig:
 
 
 def load_config(config: str | None = None, base: TrainConfig | None = None, **flags) -> TrainConfig:
-    """Defaults (or `base`) < YAML file `config` < `flags`."""
+    """Defaults (or `base`) < YAML file `config` < `profile` < `flags`.
+
+    The profile re-splits the effective batch the file and flags give (batch_size_per_gpu x
+    gradient_accumulation_steps); every other flag wins over the profile."""
     cfg = base if base is not None else TrainConfig()
     if config:
         if not os.path.isfile(config):
@@ -257,7 +281,14 @@ def load_config(config: str | None = None, base: TrainConfig | None = None, **fl
         if not isinstance(from_file, dict):
             raise UserError(f"config file {config} must hold a mapping of setting: value")
         cfg = merge(cfg, from_file, config)
-    return merge(cfg, flags, "the command line")
+    cfg = merge(cfg, flags, "the command line")
+    if cfg.profile == "low_memory":
+        cfg = merge(low_memory(cfg), {k: v for k, v in flags.items() if k not in BATCH_KEYS}, "the command line")
+    return cfg
+
+
+# The settings a profile derives from the effective batch rather than taking as given.
+BATCH_KEYS = ("batch_size_per_gpu", "gradient_accumulation_steps")
 
 
 def low_memory(cfg: TrainConfig, micro_batch: int = 2) -> TrainConfig:

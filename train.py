@@ -10,6 +10,7 @@
     python train.py chat --model_dir=model_save/best [--prompt=...]
     python train.py make_dpo_pairs --model_dir=model_save/best --input=sft.parquet --output=pairs.parquet
     python train.py serve --model_dir=model_save/best [--host=127.0.0.1 --port=8000 --api_key=KEY]
+    python train.py plot --output_dir=model_save/demo         # plots/training.png from metrics.jsonl
     python train.py COMMAND --help                               # the command's flags
 
 Every TrainConfig field (config.py) is a flag of `train`; --config=FILE.yaml comes first, flags win.
@@ -211,8 +212,19 @@ def serve(model_dir: str = "./model_save/best", host: str = "127.0.0.1", port: i
         batch_wait_ms)
 
 
+def plot(output_dir: str = TrainConfig.output_dir, metric: str = ""):
+    """Draw output_dir/plots/training.png from output_dir/metrics.jsonl, also while the run is going.
+
+    Args:
+        output_dir: the output_dir of a run (finished, stopped or going).
+        metric: the validation metric of the third panel; default: the run's best_metric.
+    """
+    from utils.plots import plot_training
+    print(f"plot written to {plot_training(output_dir, metric or None)}")
+
+
 COMMANDS = {"train": train, "train_tokenizer": train_tokenizer, "evaluate": evaluate, "chat": chat,
-            "make_dpo_pairs": make_dpo_pairs, "serve": serve}
+            "make_dpo_pairs": make_dpo_pairs, "serve": serve, "plot": plot}
 
 if __name__ == "__main__":
     run_cli(COMMANDS, "train.py")

@@ -14,6 +14,16 @@ Training data is read as a stream of parquet row groups, never as a whole table:
 - Position. Window boundaries depend only on parquet metadata and every shuffle is seeded
   by (seed, epoch, shard, window), so "window k, batch j" names the same rows in every run.
   A resumed run skips whole windows without reading them and re-tokenizes one window.
+- Weighted sources (`train_file` as {path or glob: weight}). Each source is read as above, on
+  its own (a "pass" over its rows, seeded by epoch, source and pass number), and each batch
+  comes from one source: draw n of a shard takes the source whose share of the cumulative
+  weights holds frac(offset + n * golden ratio), a seeded low-discrepancy sequence, so the
+  sources' shares of batches stay within a few batches of their weights at every point of a
+  run, and "draw n" is a number a resumed run starts from. With `first_exhausted` an epoch ends
+  when a draw falls on a source with no batch left; with `all_exhausted` that source starts a
+  new pass (a new order) and the epoch ends once every source has run out at least once.
+- Validation split. With `validation_split`, a row whose seeded hash of its global row number
+  falls under the share is held out: never in a training batch, read by `EvalSet` instead.
 """
 import ctypes
 import dataclasses
@@ -29,6 +39,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
 from model.objectives import LABEL_PAD, Seq2Seq
+from utils.errors import UserError
 from utils.files import expand_files, open_parquet
 
 
@@ -40,19 +51,98 @@ class Piece:
     num_rows: int
     first_row: int  # global index of its first row, counting across all files in order
     file_row: int  # index of its first row within its file
+    source: int = 0  # the weighted source its file belongs to
 
 
-def get_pieces(files: list[str]) -> list[Piece]:
+@dataclasses.dataclass(frozen=True)
+class Source:
+    """Files drawn from together, with their weight among the sources."""
+    label: str  # short name for the log and metrics
+    weight: float
+    files: tuple[str, ...]
+
+
+def get_sources(spec) -> list[Source]:
+    """The sources of `train_file`: one unweighted source, or one per key of a {path or glob: weight} mapping."""
+    if not isinstance(spec, dict):
+        return [Source("all", 1.0, tuple(expand_files(spec)))]
+    sources, labels, seen = [], set(), {}
+    for i, (pattern, weight) in enumerate(spec.items()):
+        files = tuple(expand_files(pattern))
+        for f in files:
+            if f in seen:
+                raise UserError(f"{f} is in two weighted sources ({seen[f]!r} and {pattern!r}); give each file once")
+            seen[f] = pattern
+        stem = os.path.splitext(os.path.basename(pattern))[0]
+        label = os.path.basename(os.path.dirname(pattern)) if any(c in stem for c in "*?[") else stem
+        label = label if label and label not in labels else f"source{i}"
+        labels.add(label)
+        sources.append(Source(label, float(weight), files))
+    return sources
+
+
+def get_pieces(files: list[str], sources: list[Source] | None = None) -> list[Piece]:
+    source_of = {f: i for i, src in enumerate(sources or []) for f in src.files}
     pieces, offset = [], 0
     for i, path in enumerate(files):
         meta, file_row = open_parquet(path, columns=()).metadata, 0
         for rg in range(meta.num_row_groups):
             n = meta.row_group(rg).num_rows
             if n:
-                pieces.append(Piece(i, rg, n, offset + file_row, file_row))
+                pieces.append(Piece(i, rg, n, offset + file_row, file_row, source_of.get(path, 0)))
             file_row += n
         offset += file_row
     return pieces
+
+
+def held_out(rows: np.ndarray, seed: int, share: float) -> np.ndarray:
+    """Rows (global row numbers) in the validation split: splitmix64 of the row number and the
+    seed, as a uniform number in [0, 1), below `share`. No pass over the data, no copy."""
+    if not share:
+        return np.zeros(len(rows), dtype=bool)
+    with np.errstate(over="ignore"):
+        x = np.asarray(rows, dtype=np.uint64) + np.uint64(seed) * np.uint64(0x9E3779B97F4A7C15)
+        x = (x ^ (x >> np.uint64(30))) * np.uint64(0xBF58476D1CE4E5B9)
+        x = (x ^ (x >> np.uint64(27))) * np.uint64(0x94D049BB133111EB)
+        x ^= x >> np.uint64(31)
+    return (x >> np.uint64(11)).astype(np.float64) * 2.0 ** -53 < share
+
+
+GOLDEN = (math.sqrt(5) - 1) / 2
+
+
+def mix_offset(seed: int, epoch: int, shard: int) -> float:
+    return float(np.random.default_rng([seed, epoch, shard, 0x5EED]).random())
+
+
+def mix_choices(weights, offset: float, start: int, count: int) -> np.ndarray:
+    """The sources of draws start .. start + count - 1 (see the module docstring)."""
+    bounds = np.cumsum(weights) / np.sum(weights)
+    u = np.mod(offset + np.arange(start, start + count, dtype=np.float64) * GOLDEN, 1.0)
+    return np.minimum(np.searchsorted(bounds, u, side="right"), len(bounds) - 1)
+
+
+def mixed_batches(weights, pass_batches, offset: float, strategy: str) -> int:
+    """Batches a shard yields in an epoch of weighted sources, from each source's batches per pass
+    (`pass_batches[k]`; 0 for a source with no rows in the shard, which all_exhausted skips)."""
+    need = np.asarray(pass_batches, dtype=np.int64)
+    weights = np.asarray(weights, dtype=np.float64)
+    start, chunk, counts, ends = 0, max(1024, int(need.sum()) + 16), np.zeros(len(need), np.int64), {}
+    while len(ends) < len(need):
+        choices = mix_choices(weights, offset, start, chunk)
+        for k in range(len(need)):
+            if k in ends:
+                continue
+            hits = np.flatnonzero(choices == k)
+            if counts[k] + len(hits) > need[k]:  # the draw after the pass's last batch
+                ends[k] = start + int(hits[need[k] - counts[k]])
+            counts[k] += len(hits)
+        if strategy == "first_exhausted" and ends:
+            return min(ends.values())
+        start += chunk
+    end = max(ends.values())
+    dead = [k for k in range(len(need)) if need[k] == 0]
+    return end - sum(int((mix_choices(weights, offset, 0, end) == k).sum()) for k in dead)
 
 
 def count_rows(spec) -> int:
@@ -60,9 +150,13 @@ def count_rows(spec) -> int:
     return sum(open_parquet(f, columns=()).metadata.num_rows for f in expand_files(spec))
 
 
-def shard_slices(pieces: list[Piece], seed: int, epoch: int, shard: int, num_shards: int):
-    """The (piece index, first row, end row) slices shard `shard` reads in `epoch`, in order."""
-    order = np.random.default_rng([seed, epoch]).permutation(len(pieces))
+def shard_slices(pieces: list[Piece], key: list[int], shard: int, num_shards: int, which=None):
+    """The (piece index, first row, end row) slices shard `shard` reads in a pass, in order.
+
+    `which`: the pieces of the pass (default all); `key` seeds their order: [seed, epoch] for
+    unweighted data, [seed, epoch, source, pass] for a weighted source."""
+    which = np.arange(len(pieces)) if which is None else np.asarray(which)
+    order = which[np.random.default_rng(key).permutation(len(which))]
     out = []
     for i in order:
         n = pieces[i].num_rows
@@ -72,17 +166,38 @@ def shard_slices(pieces: list[Piece], seed: int, epoch: int, shard: int, num_sha
     return out
 
 
-def batches_per_epoch(pieces: list[Piece], shards: range, num_shards: int, buffer_size: int, batch_size: int) -> int:
-    """Batches the shards `shards` read in an epoch, from metadata alone (the same every epoch:
-    a shard's rows and its windows' sizes do not depend on the order of the row groups).
+def pass_batches(pieces: list[Piece], key: list[int], shard: int, num_shards: int, buffer_size: int,
+                 batch_size: int, which=None, split: tuple[int, float] = (0, 0.0)) -> int:
+    """Batches shard `shard` reads in a pass, from metadata alone. Without a validation split the
+    order of the row groups does not change a shard's rows or its windows' sizes; with one it does
+    (the held-out rows fall into other windows), and the rows' hashes are counted per window.
 
-    Exact when no row is empty; empty rows can only make it smaller.
-    """
-    total = 0
-    for shard in shards:
-        rows = sum(p.num_rows * (shard + 1) // num_shards - p.num_rows * shard // num_shards for p in pieces)
-        total += rows // buffer_size * math.ceil(buffer_size / batch_size) + math.ceil(rows % buffer_size / batch_size)
-    return total
+    Exact when no row is empty; empty rows can only make it smaller."""
+    slices = shard_slices(pieces, key, shard, num_shards, which)
+    if not split[1]:
+        rows = sum(hi - lo for _, lo, hi in slices)
+        return rows // buffer_size * math.ceil(buffer_size / batch_size) + math.ceil(rows % buffer_size / batch_size)
+    if not slices:
+        return 0
+    kept = np.concatenate([~held_out(np.arange(pieces[i].first_row + lo, pieces[i].first_row + hi), *split)
+                           for i, lo, hi in slices])
+    per_window = np.add.reduceat(kept, np.arange(0, len(kept), buffer_size))
+    return int(np.ceil(per_window / batch_size).sum())
+
+
+def epoch_batches(pieces: list[Piece], sources: list[Source], shards: range, num_shards: int, buffer_size: int,
+                  batch_size: int, seed: int, epoch: int, strategy: str = "first_exhausted",
+                  validation_share: float = 0.0) -> int:
+    """Batches the shards `shards` (one process's) read in `epoch`."""
+    split = (seed, validation_share)
+    if len(sources) <= 1:
+        return sum(pass_batches(pieces, [seed, epoch], shard, num_shards, buffer_size, batch_size, split=split)
+                   for shard in shards)
+    which = [[i for i, p in enumerate(pieces) if p.source == k] for k in range(len(sources))]
+    weights = [src.weight for src in sources]
+    return sum(mixed_batches(weights, [pass_batches(pieces, [seed, epoch, k, 0], shard, num_shards, buffer_size,
+                                                    batch_size, which[k], split) for k in range(len(sources))],
+                             mix_offset(seed, epoch, shard), strategy) for shard in shards)
 
 
 def release_memory() -> None:
@@ -176,14 +291,18 @@ def collate(examples_input: list, examples_labels: list) -> dict:
 class TrainStream(IterableDataset):
     """The training rows of one process, as length-grouped batches, resumable at any batch.
 
-    Each item is a padded batch plus metadata: `row_index` (global row numbers),
-    `position` ((shard, window, batches of that window done)) and `skipped` (empty rows
-    dropped since the previous batch, each reported once).
+    Each item is a padded batch plus metadata: `row_index` (global row numbers), `position`
+    ((shard, where the shard stands after it)), `skipped` (empty rows dropped since the previous
+    batch, each reported once) and, for weighted sources, `source` (the index of its source).
+    Where a shard stands: (window, batches of that window done); for weighted sources
+    (draws made, [[pass, window, done] per source]).
     """
 
     def __init__(self, files: list[str], tokenizer, batch_size: int, max_seq_len: int, buffer_size: int,
                  seed: int, rank: int = 0, world_size: int = 1, num_workers: int = 0,
-                 keep_in_memory: bool = False, group_by_length: bool = True, objective=None):
+                 keep_in_memory: bool = False, group_by_length: bool = True, objective=None,
+                 sources: list[Source] | None = None, mix_strategy: str = "first_exhausted",
+                 validation_split: float = 0.0):
         # The objective names the text columns (the first is the encoder's input) and pads a
         # batch of their token ids; the stream reads, shards, groups and resumes any of them alike.
         self.objective = objective or Seq2Seq()
@@ -193,12 +312,17 @@ class TrainStream(IterableDataset):
         self.seed, self.rank, self.world_size = seed, rank, world_size
         self.group_by_length = group_by_length
         self.workers = max(1, num_workers)
+        self.sources = sources if sources and len(sources) > 1 else None
+        self.mix_strategy, self.validation_split = mix_strategy, validation_split
         for path in files:
             open_parquet(path, self.columns)  # a missing or non-string column fails now, naming what is there
         # Columns that travel as raw values in batch["texts"] (what GRPO's rewards read).
         self.text_columns = text_columns(self.objective, files)
         self.read_columns = self.columns + tuple(c for c in self.text_columns if c not in self.columns)
-        self.pieces = get_pieces(files)
+        self.pieces = get_pieces(files, self.sources)
+        if self.sources:
+            self.source_pieces = [[i for i, p in enumerate(self.pieces) if p.source == k]
+                                  for k in range(len(self.sources))]
         # Held in memory, the table is shared with the DataLoader workers by fork.
         self.tables = [pq.read_table(f, columns=list(self.read_columns)) for f in files] if keep_in_memory else None
         self._open: dict[int, pq.ParquetFile] = {}
@@ -209,7 +333,7 @@ class TrainStream(IterableDataset):
         return self.world_size * self.workers
 
     def set_epoch(self, epoch: int, positions: dict | None = None, first_worker: int = 0) -> None:
-        """Start `epoch` after the batches recorded in `positions` ({shard: (window, done)}).
+        """Start `epoch` after the batches recorded in `positions` ({shard: where it stands}).
 
         `first_worker` is the worker whose batch comes next: DataLoader worker 0 plays it,
         so the round-robin order of an interrupted epoch continues unchanged.
@@ -218,23 +342,23 @@ class TrainStream(IterableDataset):
         # What the training process has taken so far; the workers hold copies of the above.
         self.consumed, self.next_worker = dict(self.positions), first_worker
 
-    def advance(self, batch: dict) -> tuple[torch.Tensor, int]:
+    def advance(self, batch: dict) -> tuple[torch.Tensor, int, int]:
         """Take the metadata off a batch the trainer is about to use and move the position past it.
 
-        Returns the batch's global row indices and the empty rows skipped before it.
+        Returns the batch's global row indices, the empty rows skipped before it and its source.
         """
-        rows, (shard, window, done), skipped = batch.pop("row_index"), batch.pop("position"), batch.pop("skipped")
-        self.consumed[shard] = (window, done)
+        rows, (shard, where), skipped = batch.pop("row_index"), batch.pop("position"), batch.pop("skipped")
+        self.consumed[shard] = where
         self.next_worker = (shard - self.rank * self.workers + 1) % self.workers
-        return rows, skipped
+        return rows, skipped, batch.pop("source", 0)
 
     def state_dict(self) -> dict:
-        """This process's position: the epoch, (window, batches done) per shard, the next worker. JSON."""
-        return {"epoch": self.epoch, "positions": {str(s): list(p) for s, p in sorted(self.consumed.items())},
+        """This process's position: the epoch, where each shard stands, the next worker. JSON."""
+        return {"epoch": self.epoch, "positions": {str(s): json_list(p) for s, p in sorted(self.consumed.items())},
                 "next_worker": self.next_worker}
 
     def load_state_dict(self, state: dict) -> None:
-        self.set_epoch(int(state["epoch"]), {int(s): tuple(p) for s, p in state["positions"].items()},
+        self.set_epoch(int(state["epoch"]), {int(s): json_tuple(p) for s, p in state["positions"].items()},
                        int(state["next_worker"]))
 
     def shard_of_worker(self, worker: int) -> int:
@@ -245,13 +369,61 @@ class TrainStream(IterableDataset):
         if info is not None and info.num_workers != self.workers:
             raise RuntimeError("TrainStream was built for a different number of workers")
         shard = self.shard_of_worker(info.id if info is not None else 0)
-        window, done = self.positions.get(shard, (0, 0))
+        if self.sources is None:
+            window, done = self.positions.get(shard, (0, 0))
+            for batch, where in self.one_pass(shard, [self.seed, self.epoch], None, window, done):
+                batch["position"] = (shard, where)
+                yield batch
+            return
+        yield from self.mixed(shard)
+
+    def mixed(self, shard: int):
+        """The batches of weighted sources in shard `shard`, from where it stands."""
+        k_sources = len(self.sources)
+        draw, stand = self.positions.get(shard, (0, tuple((0, 0, 0) for _ in range(k_sources))))
+        stand = [list(p) for p in stand]
+        weights = [src.weight for src in self.sources]
+        offset = mix_offset(self.seed, self.epoch, shard)
+
+        def start(k):
+            cycle, window, done = stand[k]
+            return self.one_pass(shard, [self.seed, self.epoch, k, cycle], self.source_pieces[k], window, done)
+
+        passes, dead, chunk = [start(k) for k in range(k_sources)], set(), []
+        while len(dead) < k_sources:
+            if not chunk:
+                chunk = mix_choices(weights, offset, draw, 1024).tolist()[::-1]
+            k = chunk.pop()
+            draw += 1
+            item = next(passes[k], None) if k not in dead else None
+            if item is None and k not in dead:
+                if self.mix_strategy == "first_exhausted":
+                    return
+                stand[k] = [stand[k][0] + 1, 0, 0]
+                if all(p[0] >= 1 for p in stand):
+                    return
+                passes[k] = start(k)
+                item = next(passes[k], None)
+                if item is None:  # no row of this source in this shard
+                    dead.add(k)
+            if item is None:
+                continue
+            batch, (window, done) = item
+            stand[k][1:] = [window, done]
+            batch["position"] = (shard, (draw, tuple(tuple(p) for p in stand)))
+            batch["source"] = k
+            yield batch
+
+    def one_pass(self, shard: int, key: list[int], which, window: int, done: int):
+        """(batch, (window, batches of it done)) of one pass over the pieces `which` (all: None)."""
         skipped = 0  # empty rows not yet reported; a resumed window's were reported before
         held = None  # each batch waits for the next, so the shard's last one can carry trailing empties
-        for k, texts, rows in self.windows(shard, window):
-            keep = non_empty(*(texts[c] for c in self.columns))
+        for k, texts, rows in self.windows(shard, key, which, window):
+            usable = non_empty(*(texts[c] for c in self.columns))
+            train = ~held_out(rows, self.seed, self.validation_split)
+            keep = usable & train
             if not (k == window and done):
-                skipped += int((~keep).sum())
+                skipped += int((~usable & train).sum())
             if not keep.any():
                 continue
             ids = {c: encode(self.tokenizer, [t for t, m in zip(texts[c], keep) if m], self.max_seq_len)
@@ -259,7 +431,7 @@ class TrainStream(IterableDataset):
             raw = {c: [t for t, m in zip(texts[c], keep) if m] for c in self.text_columns}
             rows = rows[keep]
             release_memory()
-            rng = np.random.default_rng([self.seed, self.epoch, shard, k])
+            rng = np.random.default_rng([*key[:2], shard, k, *key[2:]])
             prompt_lens = ids[self.columns[0]].lengths
             target_lens = np.max([ids[c].lengths for c in self.columns[1:]], axis=0)
             if self.group_by_length:
@@ -273,17 +445,16 @@ class TrainStream(IterableDataset):
                 if raw:
                     batch["texts"] = {c: [raw[c][i] for i in idx] for c in raw}
                 batch["row_index"] = torch.from_numpy(rows[idx])
-                batch["position"] = (shard, k, j + 1)
                 batch["skipped"], skipped = skipped, 0
                 if held is not None:
                     yield held
-                held = batch
+                held = (batch, (k, j + 1))
         if held is not None:
-            held["skipped"] += skipped
+            held[0]["skipped"] += skipped
             yield held
 
-    def windows(self, shard: int, first_window: int):
-        """Yield (k, {column: texts}, global row indices) for windows k >= first_window.
+    def windows(self, shard: int, key: list[int], which, first_window: int):
+        """Yield (k, {column: texts}, global row indices) for windows k >= first_window of a pass.
 
         Windows before `first_window` are skipped by arithmetic on row counts: nothing is read.
         """
@@ -291,7 +462,7 @@ class TrainStream(IterableDataset):
         start = first_window * size  # shard-local position of the first row wanted
         pos, k = 0, first_window
         parts, buffered = [], 0
-        for i, lo, hi in shard_slices(self.pieces, self.seed, self.epoch, shard, self.num_shards):
+        for i, lo, hi in shard_slices(self.pieces, key, shard, self.num_shards, which):
             n = hi - lo
             if pos + n <= start:
                 pos += n
@@ -328,6 +499,16 @@ class TrainStream(IterableDataset):
 
     def _columns(self, table: pa.Table):
         return {c: table.column(c).to_pylist() for c in self.read_columns}, table.column("row_index").to_numpy()
+
+
+def json_list(value):
+    """A position as JSON lists."""
+    return [json_list(v) for v in value] if isinstance(value, (list, tuple)) else value
+
+
+def json_tuple(value):
+    """A position from JSON, as the tuples the stream makes."""
+    return tuple(json_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
 def text_columns(objective, files: list[str]) -> tuple[str, ...]:
@@ -372,19 +553,29 @@ class EvalSet(Dataset):
     are kept as they are when the file has them.
     """
 
-    def __init__(self, path: str, tokenizer, max_seq_len: int, max_rows: int, objective=None,
-                 extra: tuple = ("task",)):
+    def __init__(self, path: str | list[str], tokenizer, max_seq_len: int, max_rows: int, objective=None,
+                 extra: tuple = ("task",), split: tuple[int, float] | None = None):
+        """`path`: a file, or the training files with `split` = (seed, validation_split): then
+        the rows are those the training stream holds out, in file order."""
         self.objective = objective or Seq2Seq()
         columns = tuple(self.objective.columns)
-        pf = open_parquet(path, columns)
-        extra = [c for c in extra if c in pf.schema_arrow.names and c not in columns]
+        files = [path] if isinstance(path, str) else list(path)
+        names = set.intersection(*(set(open_parquet(f, columns).schema_arrow.names) for f in files))
+        extra = [c for c in extra if c in names and c not in columns]
         texts, self.extra, self.skipped = {c: [] for c in columns}, {c: [] for c in extra}, 0
-        for batch in pf.iter_batches(batch_size=4096, columns=list(columns) + extra):
-            values = {c: batch.column(c).to_pylist() for c in columns + tuple(extra)}
-            keep = non_empty(*(values[c] for c in columns))
-            self.skipped += int((~keep).sum())
-            for c, store in (*texts.items(), *self.extra.items()):
-                store += [x for x, m in zip(values[c], keep) if m]
+        offset = 0  # global row number of the file's first row, as the training stream counts
+        for f in files:
+            for batch in open_parquet(f, columns).iter_batches(batch_size=4096, columns=list(columns) + extra):
+                values = {c: batch.column(c).to_pylist() for c in columns + tuple(extra)}
+                usable = non_empty(*(values[c] for c in columns))
+                chosen = held_out(np.arange(offset, offset + batch.num_rows), *split) if split else True
+                offset += batch.num_rows
+                keep = usable & chosen
+                self.skipped += int((~usable & chosen).sum())
+                for c, store in (*texts.items(), *self.extra.items()):
+                    store += [x for x, m in zip(values[c], keep) if m]
+                if len(texts[columns[0]]) >= max_rows:
+                    break
             if len(texts[columns[0]]) >= max_rows:
                 break
         self.texts = {c: v[:max_rows] for c, v in texts.items()}

@@ -31,20 +31,23 @@ from transformers.optimization import Adafactor
 import model.checkpoint as ckpt
 from config import T5ModelConfig, TrainConfig
 from model.chat_model import TextToTextModel, get_generation_config, get_t5_config
-from model.dataset import (EvalSet, TrainStream, batches_per_epoch, describe, get_eval_loader, get_pieces,
+from model.dataset import (EvalSet, TrainStream, describe, epoch_batches, get_eval_loader, get_pieces, get_sources,
                            get_train_loader, text_columns)
-from model.evaluation import evaluate, is_better, score_file
+from model.evaluation import LOWER_IS_BETTER, evaluate, is_better, score_file
 from model.objectives import Reference, get_objective
+from model.regression import load_checks, run_checks
 from utils.cli import coerce
 from utils.errors import QuietUserError, UserError
-from utils.files import (atomic_dir, check_data_file, describe_error, expand_files, free_bytes,
-                         probe_writable)
-from utils.logging import MetricsLog, get_logger, memory_usage
+from utils.files import atomic_dir, atomic_write, check_data_file, describe_error, free_bytes, probe_writable
+from utils.logging import MetricsLog, get_logger, memory_usage, read_metrics
+from utils.plots import plot_training
 from utils.tokenizer import load_tokenizer, train_tokenizer
 
 # Settings that decide which rows form which batch: a resume must keep them.
 DATA_ORDER_KEYS = ("batch_size_per_gpu", "dataloader_buffer_size", "seed", "max_seq_len", "group_by_length",
-                   "num_shards")
+                   "num_shards", "validation_split", "mix_strategy", "weights")
+# What a state saved before a key existed had, in effect.
+DATA_ORDER_DEFAULTS = {"validation_split": 0.0, "mix_strategy": "first_exhausted", "weights": None}
 MODEL_SHAPE_KEYS = ("d_model", "d_ff", "num_heads", "d_kv", "num_layers", "num_decoder_layers", "vocab_size")
 
 
@@ -60,6 +63,11 @@ class TrainingProgress:
     best_score: float | None = None  # best_metric of best/
     best_step: int = -1
     last_eval_step: int = -1
+    rows_per_source: list[int] | None = None  # rows trained on from each weighted source
+    evals_without_improvement: int = 0  # early stopping's count
+    early_stopped: bool = False
+    regression_passed: list[str] | None = None  # regression prompts that passed at the last evaluation
+    wall_seconds: float = 0.0  # time spent in train(), over every run of it
 
     def state_dict(self) -> dict:
         return dataclasses.asdict(self)
@@ -216,11 +224,12 @@ def check_settings(state: str, saved: dict, now: dict) -> None:
             raise UserError(f"{state} was saved with --{key}={saved.get(key)}, this run has {now[key]}; "
                             f"resume with --{key}={saved.get(key)}")
     for key in DATA_ORDER_KEYS:
-        if saved.get(key) != now[key]:
+        was = saved.get(key, DATA_ORDER_DEFAULTS.get(key))
+        if was != now[key]:
             hint = ("the same number of processes x --num_workers "
                     f"({saved.get('num_processes')} x {saved.get('num_workers')})") if key == "num_shards" \
-                else f"--{key}={saved.get(key)}"
-            raise UserError(f"{state} was saved with {key}={saved.get(key)}, this run has {now[key]}; "
+                else "the same --train_file weights" if key == "weights" else f"--{key}={was}"
+            raise UserError(f"{state} was saved with {key}={was}, this run has {now[key]}; "
                             f"an exact resume needs {hint}")
     if "rows_per_row_group" in now and saved.get("rows_per_row_group") != now["rows_per_row_group"]:
         raise UserError(f"the training data differs from the data {state} was trained on (rows per row "
@@ -257,27 +266,30 @@ class Meters:
     them). The metric names are fixed by the objective, so every process sends the same vector.
     """
 
-    def __init__(self, device, names: tuple):
-        self.device, self.names = device, tuple(names)
+    def __init__(self, device, names: tuple, sources: int = 1):
+        self.device, self.names, self.sources = device, tuple(names), sources
         self.reset()
 
     def reset(self):
         self.local_values = torch.zeros(len(self.names), device=self.device)
-        self.local = np.zeros(4, dtype=np.float64)  # batches with a loss, tokens, rows, empty rows skipped
+        # batches with a loss, tokens, rows, empty rows skipped, then rows of each source
+        self.local = np.zeros(4 + self.sources, dtype=np.float64)
         self.values = np.zeros(len(self.names))  # after flushes, all processes
-        self.counts = np.zeros(3)  # tokens, rows, empty rows skipped, all processes
+        self.counts = np.zeros(3 + self.sources)  # tokens, rows, empty rows skipped, rows per source; all processes
         self.batches = 0.0
         self.started = time.perf_counter()
 
-    def add_batch(self, tokens: int, rows: int, skipped: int):
-        self.local[1:] += (tokens, rows, skipped)
+    def add_batch(self, tokens: int, rows: int, skipped: int, source: int = 0):
+        self.local[1:4] += (tokens, rows, skipped)
+        self.local[4 + source] += rows
 
     def add(self, values: dict):
         self.local_values += torch.stack([values[n].float() for n in self.names])
         self.local[0] += 1
 
     def flush(self, accelerator) -> np.ndarray:
-        """Sum the local shares over all processes; returns (tokens, rows, skipped) just flushed."""
+        """Sum the local shares over all processes; returns (tokens, rows, skipped, rows per source)
+        just flushed."""
         dtype = torch.float32 if self.device.type == "mps" else torch.float64  # counts stay exact in float64
         local = torch.cat([self.local_values.to(dtype), torch.tensor(self.local, device=self.device, dtype=dtype)])
         summed = accelerator.reduce(local, reduction="sum").cpu().numpy()
@@ -337,8 +349,7 @@ class ChatTrainer:
         self.loader = get_train_loader(self.stream, cfg.num_workers, pin_memory=acc.device.type == "cuda")
         eos = [self.tokenizer.eos_token_id]
         self.idle_batch = self.objective.collate({c: [eos] for c in self.objective.columns})
-        self.eval_set = EvalSet(cfg.validation_file, self.tokenizer, cfg.max_seq_len, cfg.max_eval_rows,
-                                self.objective) if cfg.validation_file else None
+        self.eval_set = self.get_eval_set()
         self.settings = self.state_settings(self.model.config, self.tokenizer, self.stream.pieces)
         self.schedule = get_lr_lambda(self.total_steps, cfg.warmup_steps, cfg.div_factor)
         self.optimizer = get_optimizer(self.model, cfg)
@@ -349,9 +360,11 @@ class ChatTrainer:
         # so a resume with another learn_rate or max_steps follows the new schedule at once.
         self.model, self.optimizer, self.eval_loader = acc.prepare(self.model, self.optimizer, eval_loader)
         self.progress = TrainingProgress()
-        self.meters = Meters(acc.device, self.objective.metric_names)
+        self.meters = Meters(acc.device, self.objective.metric_names, len(self.sources))
         self.bad_steps, self.unconfirmed = 0, []
         self.maybe_resume()
+        if acc.is_main_process:
+            self.metrics.start(self.progress.step if self.resume_from is not None else None)
         if cfg.log_with != "none":
             acc.init_trackers("chatlm", config={k: str(v) if isinstance(v, list) else v
                                                 for k, v in dataclasses.asdict(cfg).items()})
@@ -365,7 +378,8 @@ class ChatTrainer:
         state (None for a fresh run).
         """
         cfg, acc = self.cfg, self.accelerator
-        self.train_files = expand_files(cfg.train_file)
+        self.sources = get_sources(cfg.train_file)
+        self.train_files = [f for src in self.sources for f in src.files]
         self.objective = get_objective(cfg)
         columns = self.objective.columns
         for path in self.train_files:
@@ -374,7 +388,8 @@ class ChatTrainer:
         for what in ("validation_file", "test_file"):
             if getattr(cfg, what):
                 check_data_file(getattr(cfg, what), columns, what=what)
-        pieces = get_pieces(self.train_files)
+        self.checks = load_checks(cfg.regression_file) if cfg.regression_file else []
+        pieces = get_pieces(self.train_files, self.sources)
         self.total_steps = self.count_total_steps(pieces)
         has_tokenizer = os.path.isfile(os.path.join(cfg.tokenizer_dir, "tokenizer.json"))
         tokenizer = load_tokenizer(cfg.tokenizer_dir) if has_tokenizer else None
@@ -414,7 +429,8 @@ class ChatTrainer:
                 saved = ckpt.load_json(os.path.join(path, "chatlm_state.json"))
                 saved["trainable"] = "decoder" if saved.get("is_finetune") else "all"
                 keys = DATA_ORDER_KEYS + ("trainable",)
-                check_settings(path, {k: saved.get(k) for k in keys}, {k: settings[k] for k in keys})
+                check_settings(path, {k: saved.get(k, DATA_ORDER_DEFAULTS.get(k)) for k in keys},
+                               {k: settings[k] for k in keys})
             else:
                 saved = ckpt.load_json(os.path.join(path, ckpt.STATE_JSON))
                 check_settings(path, saved.get("settings") or {}, settings)
@@ -524,6 +540,21 @@ class ChatTrainer:
                          f"objective {self.objective.name}" + (", with a reference" if reference else ""))
         return model, reference
 
+    def get_eval_set(self) -> EvalSet | None:
+        cfg = self.cfg
+        if cfg.validation_file:
+            return EvalSet(cfg.validation_file, self.tokenizer, cfg.max_seq_len, cfg.max_eval_rows, self.objective)
+        if cfg.validation_split:
+            eval_set = EvalSet(self.train_files, self.tokenizer, cfg.max_seq_len, cfg.max_eval_rows, self.objective,
+                               split=(cfg.seed, cfg.validation_split))
+            if not len(eval_set):
+                raise UserError(f"--validation_split={cfg.validation_split} holds out no usable row of the training "
+                                "data; raise it or give --validation_file")
+            self.logger.info(f"validation: {len(eval_set)} rows held out of the training data "
+                             f"(--validation_split={cfg.validation_split})")
+            return eval_set
+        return None
+
     def get_stream(self) -> TrainStream:
         cfg, acc = self.cfg, self.accelerator
         keep_in_memory = cfg.keep_in_memory and acc.num_processes == 1
@@ -531,9 +562,13 @@ class ChatTrainer:
             self.logger.info("several processes: streaming the training data instead of holding it in memory")
         self.logger.info(f"training data: {describe(self.train_files)}, "
                          f"{'in memory' if keep_in_memory else 'streamed'}")
+        if len(self.sources) > 1:
+            self.logger.info("weighted sources (" + cfg.mix_strategy + "): " + "; ".join(
+                f"{src.label} = {src.weight:g} x {describe(list(src.files))}" for src in self.sources))
         return TrainStream(self.train_files, self.tokenizer, cfg.batch_size_per_gpu, cfg.max_seq_len,
                            cfg.dataloader_buffer_size, cfg.seed, acc.process_index, acc.num_processes,
-                           cfg.num_workers, keep_in_memory, cfg.group_by_length, self.objective)
+                           cfg.num_workers, keep_in_memory, cfg.group_by_length, self.objective,
+                           self.sources, cfg.mix_strategy, cfg.validation_split)
 
     def count_total_steps(self, pieces) -> int:
         """Optimizer steps of the whole run, for the schedule and the progress bar.
@@ -542,12 +577,18 @@ class ChatTrainer:
         across epoch ends. Exact when no row is empty (empty rows can only make it shorter).
         """
         cfg, processes, workers = self.cfg, self.accelerator.num_processes, max(1, self.cfg.num_workers)
-        per_epoch = max(batches_per_epoch(pieces, range(rank * workers, (rank + 1) * workers), processes * workers,
-                                          cfg.dataloader_buffer_size, cfg.batch_size_per_gpu)
-                        for rank in range(processes))
-        total = per_epoch * cfg.epochs // cfg.gradient_accumulation_steps * self.objective.updates_per_batch
+
+        def per_epoch(epoch):
+            return max(epoch_batches(pieces, self.sources, range(rank * workers, (rank + 1) * workers),
+                                     processes * workers, cfg.dataloader_buffer_size, cfg.batch_size_per_gpu,
+                                     cfg.seed, epoch, cfg.mix_strategy, cfg.validation_split)
+                       for rank in range(processes))
+
+        # Every epoch has as many batches, unless the validation split moves rows between windows.
+        batches = sum(map(per_epoch, range(cfg.epochs))) if cfg.validation_split else per_epoch(0) * cfg.epochs
+        total = batches // cfg.gradient_accumulation_steps * self.objective.updates_per_batch
         if total == 0:
-            raise UserError(f"the training data gives {per_epoch * cfg.epochs} batches in all, fewer than one "
+            raise UserError(f"the training data gives {batches} batches in all, fewer than one "
                             f"optimizer step of {cfg.gradient_accumulation_steps}; lower "
                             "--gradient_accumulation_steps or --batch_size_per_gpu, or give more rows")
         return min(total, cfg.max_steps) if cfg.max_steps else total
@@ -561,7 +602,8 @@ class ChatTrainer:
         return {"model": {k: getattr(model_config, k) for k in MODEL_SHAPE_KEYS}, "vocab": vocab_hash(tokenizer),
                 "objective": cfg.objective, "trainable": cfg.trains, "lora": lora, "optimizer": cfg.optimizer,
                 "init_from": {"path": cfg.start_from, "sha256": weights_hash(cfg.start_from)},
-                **{k: getattr(cfg, k) for k in DATA_ORDER_KEYS if k != "num_shards"},
+                **{k: getattr(cfg, k) for k in DATA_ORDER_KEYS if k not in ("num_shards", "weights")},
+                "weights": {src.label: src.weight for src in self.sources} if len(self.sources) > 1 else None,
                 "num_shards": processes * max(1, cfg.num_workers),
                 "rows_per_row_group": [p.num_rows for p in pieces],
                 "num_processes": processes, "num_workers": cfg.num_workers}
@@ -647,6 +689,7 @@ class ChatTrainer:
         """
         acc, cfg, progress = self.accelerator, self.cfg, self.progress
         self.flush_counts()
+        progress.wall_seconds = self.wall_before + time.perf_counter() - self.started
         data = gather_object([self.stream.state_dict()])
         final = ckpt.state_path(cfg.train_state_dir, progress.step)
         tmp = final + ".tmp"
@@ -737,6 +780,7 @@ class ChatTrainer:
                          f"device {acc.device}, mixed precision {acc.mixed_precision}")
         self.meters.reset()
         self.grad_norm, self.last_lr = None, cfg.learn_rate * self.schedule(progress.step)
+        self.started, self.wall_before, self.test_metrics = time.perf_counter(), progress.wall_seconds, None
         try:
             done = self.run_epochs()
             if done:
@@ -746,6 +790,8 @@ class ChatTrainer:
         finally:
             self.bar.close()
             self.stop.restore()
+        self.on_main(self.write_summary, "early_stopped" if done and progress.early_stopped else
+                     "finished" if done else "stopped")
         if not done:
             self.logger.info(f"stopped at step {progress.step}; continue with --is_keep_training=True")
         acc.end_training()
@@ -768,7 +814,7 @@ class ChatTrainer:
         self.save_model(final)
         self.logger.info(f"final model saved to {final}")
         if cfg.test_file and not self.stop_requested():
-            self.report(cfg.test_file)
+            self.test_metrics = self.report(cfg.test_file)["metrics"]
         return True
 
     def stop_requested(self) -> bool:
@@ -777,18 +823,19 @@ class ChatTrainer:
     def run_epochs(self) -> bool:
         """Train until the last epoch or max_steps; False when a signal stopped the run."""
         cfg, progress = self.cfg, self.progress
-        while progress.epoch < cfg.epochs and not self.reached_max_steps():
+        while progress.epoch < cfg.epochs and not self.reached_the_end():
             if self.run_epoch():
                 return False
-            if self.reached_max_steps():
+            if self.reached_the_end():
                 break
             progress.epoch += 1
             self.stream.set_epoch(progress.epoch)
             self.maybe_evaluate(end_of_epoch=True)
         return True
 
-    def reached_max_steps(self) -> bool:
-        return bool(self.cfg.max_steps) and self.progress.step >= self.cfg.max_steps
+    def reached_the_end(self) -> bool:
+        """max_steps made, or early stopping ended the run."""
+        return self.progress.early_stopped or bool(self.cfg.max_steps) and self.progress.step >= self.cfg.max_steps
 
     def run_epoch(self) -> bool:
         """One pass over the data; True when a stop was requested (state not yet saved)."""
@@ -831,7 +878,7 @@ class ChatTrainer:
                     return True
                 if update == updates - 1 and progress.step // cfg.save_steps > saves:
                     self.save_state()
-                if self.reached_max_steps():
+                if self.reached_the_end():
                     return False
         return False
 
@@ -900,8 +947,8 @@ class ChatTrainer:
 
     def record_batch(self, batch: dict):
         """Take the metadata off the batch (the stream moves its position) and count what it holds."""
-        rows, skipped = self.stream.advance(batch)
-        self.meters.add_batch(self.objective.count_tokens(batch), len(rows), skipped)
+        rows, skipped, source = self.stream.advance(batch)
+        self.meters.add_batch(self.objective.count_tokens(batch), len(rows), skipped, source)
         self.progress.micro_step += 1
         if self.cfg.trace_samples:
             path = os.path.join(self.cfg.output_dir, f"samples.rank{self.accelerator.process_index}.jsonl")
@@ -914,10 +961,13 @@ class ChatTrainer:
 
     def flush_counts(self):
         """Add every process's counts to progress (a collective: all processes call it together)."""
-        tokens, rows, skipped = self.meters.flush(self.accelerator)
+        tokens, rows, skipped, *per_source = self.meters.flush(self.accelerator)
         self.progress.tokens += int(tokens)
         self.progress.samples += int(rows)
         self.progress.rows_skipped += int(skipped)
+        if len(per_source) > 1:
+            old = self.progress.rows_per_source or [0] * len(per_source)
+            self.progress.rows_per_source = [a + int(b) for a, b in zip(old, per_source)]
 
     def maybe_log(self):
         progress, meters = self.progress, self.meters
@@ -932,6 +982,8 @@ class ChatTrainer:
             metrics["train/grad_norm"] = float(self.grad_norm)
         if progress.rows_skipped:
             metrics["data/empty_rows_skipped"] = progress.rows_skipped
+        for src, rows in zip(self.sources, progress.rows_per_source or []):
+            metrics[f"data/rows/{src.label}"] = rows
         if self.cfg.log_memory:
             metrics.update({f"memory/{k}": v for k, v in memory_usage().items()})
         self.metrics.log(metrics, progress.step, progress.epoch, self.total_steps)
@@ -945,29 +997,125 @@ class ChatTrainer:
 
     # ---- evaluation --------------------------------------------------------------------
     def maybe_evaluate(self, end_of_epoch: bool = False):
-        """Evaluate on the validation file; the best model by `best_metric` goes to best/."""
-        if self.eval_loader is None:
+        """Evaluate on the validation rows and the regression prompts; the best model by
+        `best_metric` goes to best/, and early stopping counts evaluations without improvement."""
+        if self.eval_loader is None and not self.checks:
             return
         cfg, progress = self.cfg, self.progress
         progress.last_eval_step = progress.step
         started = time.perf_counter()
-        result = evaluate(self.model, self.eval_loader, self.accelerator, self.tokenizer, cfg.max_seq_len,
-                          self.reference)
-        scores = result["metrics"]
         where = f"end of epoch {progress.epoch - 1}" if end_of_epoch else f"step {progress.step}"
+        scores, meta, rows = {}, {"best_metric": cfg.best}, 0
+        if self.eval_loader is not None:
+            result = evaluate(self.model, self.eval_loader, self.accelerator, self.tokenizer, cfg.max_seq_len,
+                              self.reference)
+            scores, rows = result["metrics"], len(result["hypotheses"])
+        if self.checks:
+            passed = self.check_regressions(where)
+            scores["regression/pass_rate"] = len(passed) / len(self.checks)
+            meta["regression"] = {c.name: c.name in passed for c in self.checks}
         self.metrics.log({f"eval/{k}": v for k, v in scores.items()}, progress.step, progress.epoch,
-                         self.total_steps, prefix=f"eval at {where} ({len(result['hypotheses'])} rows):")
+                         self.total_steps, prefix=f"eval at {where} ({rows} rows):", meta=meta)
         score = scores.get(cfg.best)
-        if score is None:
+        if self.eval_loader is None:  # regression prompts only
+            pass
+        elif score is None:
             self.logger.warning(f"eval at {where}: no {cfg.best} to choose best/ by (is there a task column?)")
         elif not math.isfinite(scores["loss"]) or not math.isfinite(score):
             self.logger.warning(f"eval at {where}: the validation loss is not finite; best/ is left as it is")
-        elif progress.step > 0 and is_better(cfg.best, score, progress.best_score):
-            progress.best_score, progress.best_step = score, progress.step
-            self.save_model(os.path.join(cfg.output_dir, "best"))
-            self.logger.info(f"new best {cfg.best} {score:.4f}: model saved to {os.path.join(cfg.output_dir, 'best')}")
+        else:
+            self.count_for_early_stopping(score, where)
+            if progress.step > 0 and is_better(cfg.best, score, progress.best_score):
+                progress.best_score, progress.best_step = score, progress.step
+                self.save_model(os.path.join(cfg.output_dir, "best"))
+                self.logger.info(f"new best {cfg.best} {score:.4f}: model saved to "
+                                 f"{os.path.join(cfg.output_dir, 'best')}")
         self.model.train()
         self.meters.started += time.perf_counter() - started  # evaluation time is not training throughput
+
+    def count_for_early_stopping(self, score: float, where: str):
+        """An evaluation without an improvement of at least early_stopping_min_delta over the best
+        so far counts; early_stopping_patience of them in a row end the run (the count is saved
+        with the train state, so it survives a resume)."""
+        cfg, progress = self.cfg, self.progress
+        if not cfg.early_stopping_patience:
+            return
+        best = progress.best_score
+        gain = None if best is None else (best - score if cfg.best.split("/")[0] in LOWER_IS_BETTER else score - best)
+        if gain is None or (gain > 0 and gain >= cfg.early_stopping_min_delta):
+            progress.evals_without_improvement = 0
+            return
+        progress.evals_without_improvement += 1
+        self.logger.info(f"eval at {where}: no improvement of {cfg.best} by {cfg.early_stopping_min_delta} "
+                         f"({progress.evals_without_improvement} of --early_stopping_patience="
+                         f"{cfg.early_stopping_patience})")
+        if progress.evals_without_improvement >= cfg.early_stopping_patience:
+            progress.early_stopped = True
+            self.logger.info(f"early stopping at step {progress.step}: best {cfg.best} {best:.4f} at step "
+                             f"{progress.best_step}")
+
+    def check_regressions(self, where: str) -> set[str]:
+        """Answer every regression prompt greedily; log the failures, and warn about each prompt
+        that passed at the previous evaluation and fails now. Returns the names that passed."""
+        model = self.accelerator.unwrap_model(self.model)
+        model.eval()
+        results = run_checks(model, self.tokenizer, self.checks, self.cfg.max_seq_len, self.accelerator.device)
+        passed = {c.name for c, _, ok in results if ok}
+        before = set(self.progress.regression_passed or [])
+        if self.accelerator.is_main_process:
+            self.logger.info(f"regression at {where}: {len(passed)}/{len(results)} passed")
+            for check, answer, ok in results:
+                if ok:
+                    continue
+                line = f"{check.name}: {check.prompt!r} -> {answer!r}, expected {check.match} {check.expect!r}"
+                if check.name in before:
+                    self.logger.warning(f"regression at {where}: {line} (it passed at the previous evaluation)")
+                else:
+                    self.logger.info(f"  fails {line}")
+        self.progress.regression_passed = sorted(passed)
+        return passed
+
+    def write_summary(self, status: str):
+        """output_dir/summary.json and plots/training.png at the end of a run (main process)."""
+        cfg, progress = self.cfg, self.progress
+        progress.wall_seconds = self.wall_before + time.perf_counter() - self.started
+        records = read_metrics(cfg.output_dir) if os.path.isfile(os.path.join(cfg.output_dir, "metrics.jsonl")) \
+            else []
+        speeds = [r["train/tokens_per_s"] for r in records if "train/tokens_per_s" in r]
+        evals = [r for r in records if any(k.startswith("eval/") for k in r)]
+        last = {k[5:]: v for k, v in evals[-1].items() if k.startswith("eval/")} if evals else None
+        final_score = last.get(cfg.best) if last and evals[-1]["step"] == progress.step else None
+        memory = memory_usage()
+        summary = {
+            "status": status, "steps": progress.step, "total_steps": self.total_steps, "epoch": progress.epoch,
+            "wall_seconds": round(progress.wall_seconds, 1),
+            "data": {"rows_trained": progress.samples, "empty_rows_skipped": progress.rows_skipped,
+                     "tokens": progress.tokens, "validation_rows": len(self.eval_set) if self.eval_set else 0,
+                     "rows_per_source": dict(zip((s.label for s in self.sources), progress.rows_per_source))
+                     if progress.rows_per_source else None},
+            "median_tokens_per_s": float(np.median(speeds)) if speeds else None,
+            "peak_rss_gb": round(memory["peak_rss_gb"], 3),
+            "peak_gpu_gb": round(memory["peak_gpu_gb"], 3) if "peak_gpu_gb" in memory else None,
+            "best": {"metric": cfg.best, "score": progress.best_score, "step": progress.best_step},
+            # final/ is the last step's model: which of it and best/ scored better on the validation rows
+            "final_vs_best": None if final_score is None or progress.best_score is None else
+            "same" if progress.best_step == progress.step or final_score == progress.best_score else
+            "final" if is_better(cfg.best, final_score, progress.best_score) else "best",
+            "early_stopping": {"patience": cfg.early_stopping_patience, "min_delta": cfg.early_stopping_min_delta,
+                               "evals_without_improvement": progress.evals_without_improvement,
+                               "stopped_early": progress.early_stopped},
+            "last_eval": {"step": evals[-1]["step"], **last} if last else None,
+            "regression_failed": sorted(c.name for c in self.checks if c.name not in
+                                        set(progress.regression_passed or [])) if self.checks else None,
+            "test": self.test_metrics,
+            "settings": {k: v for k, v in dataclasses.asdict(cfg).items()},
+        }
+        path = os.path.join(cfg.output_dir, "summary.json")
+        with atomic_write(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+            json.dump(summary, f, indent=2, ensure_ascii=False)
+        if records:
+            plot = plot_training(cfg.output_dir, cfg.best)
+            self.logger.info(f"summary: {path}, plot: {plot}")
 
     def report(self, path: str) -> dict:
         """Score the trained model on a held-out file: its metrics, exact match per task, sample answers."""

@@ -35,8 +35,8 @@ def consume(stream, num_workers, limit=None, record=None):
     for n, batch in enumerate(get_train_loader(stream, num_workers)):
         if limit is not None and n == limit:
             break
-        shard, window, done = batch["position"]
-        positions[shard] = (window, done)
+        shard, where = batch["position"]
+        positions[shard] = where
         next_worker = (shard - stream.rank * stream.workers + 1) % stream.workers
         ids.append(batch["row_index"].tolist())
     return ids, positions, next_worker
@@ -100,7 +100,7 @@ def test_resume_skips_windows_without_reading_them(tmp_path, tok, monkeypatch):
     stream.set_epoch(0, {0: (10, 2)})
     batches = list(stream)
     assert len(reads) == 2  # only the last two row groups: windows 10 and 11
-    assert batches[0]["position"] == (0, 10, 3)
+    assert batches[0]["position"] == (0, (10, 3))
 
 
 def test_keep_in_memory_gives_the_same_batches(tmp_path, tok):

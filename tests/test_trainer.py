@@ -325,6 +325,8 @@ def test_quickstart_main_command_on_a_reduced_budget(tmp_path):
     for task in ("num2zh", "zh2num", "date2zh"):
         assert re.search(rf"exact match +{task}: +[\d.]+% \(\d+/300\)", log), log[-2000:]
     assert log.count(" -> ") >= 3  # sample answers
+    assert re.search(r"regression at step 30: \d/4 passed", log)  # the demo's regression prompts
+    assert os.path.isfile(out / "summary.json") and os.path.getsize(out / "plots" / "training.png") > 10_000
     answer = run_cli("train.py", "chat", f"--model_dir={out}/final", "--prompt=把12写成中文数字。")
     assert answer.stdout.strip().count("\n") == 0
     report = run_cli("train.py", "evaluate", f"--model_dir={out}/final", "--test_file=data/demo_valid.parquet")

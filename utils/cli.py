@@ -38,6 +38,8 @@ def type_name(tp) -> str:
         return " | ".join(type_name(t) for t in typing.get_args(tp))
     if typing.get_origin(tp) is list:
         return f"list[{type_name(typing.get_args(tp)[0])}]"
+    if typing.get_origin(tp) is dict:
+        return f"dict[{', '.join(type_name(t) for t in typing.get_args(tp))}]"
     return getattr(tp, "__name__", str(tp).replace("typing.", ""))
 
 
@@ -59,6 +61,11 @@ def coerce(name: str, value, tp):
             except UserError:
                 pass
         raise UserError(f"--{name} must be {type_name(tp)}, got {value!r}")
+    if typing.get_origin(tp) is dict:
+        key, item = typing.get_args(tp)
+        if isinstance(value, dict):
+            return {coerce(name, k, key): coerce(name, v, item) for k, v in value.items()}
+        raise UserError(f"--{name} must be a mapping, got {value!r}")
     if typing.get_origin(tp) is list:
         (item,) = typing.get_args(tp)
         if isinstance(value, (list, tuple)):

@@ -168,3 +168,18 @@ def atomic_dir(path: str):
         shutil.rmtree(old, ignore_errors=True)
     except OSError as err:
         raise UserError(f"could not put {path} in place ({describe_error(err)})") from None
+
+
+@contextlib.contextmanager
+def atomic_write(path: str):
+    """Yield a temporary file name that replaces the file `path` only once the block completes:
+    a reader (or a crash) never sees half a file. A failure to write is a UserError."""
+    tmp = f"{path}.tmp{os.getpid()}"
+    try:
+        yield tmp
+        os.replace(tmp, path)
+    except OSError as err:
+        raise UserError(f"could not write {path} ({describe_error(err)}); free some space or fix the path") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)

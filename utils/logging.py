@@ -10,6 +10,8 @@ import psutil
 import torch
 from tqdm.auto import tqdm
 
+from utils.files import atomic_write
+
 
 class _TqdmHandler(logging.StreamHandler):
     def emit(self, record):
@@ -105,14 +107,37 @@ class MetricsLog:
         self.path = os.path.join(output_dir, "metrics.jsonl") if output_dir else None
         self.logger, self.accelerator = logger, accelerator
 
-    def log(self, metrics: dict, step: int, epoch: int, total_steps: int | None = None, prefix: str | None = None):
+    def start(self, resumed_step: int | None) -> None:
+        """A new run starts a new file; a resumed one keeps the records up to the step it resumes
+        from (those after it were logged by steps the resume makes again)."""
+        if not self.path or not os.path.isfile(self.path):
+            return
+        if resumed_step is None:
+            os.remove(self.path)
+            return
+        with open(self.path, encoding="utf-8") as f:
+            lines = [line for line in f if line.strip()]
+        kept = []
+        for line in lines:
+            try:
+                if json.loads(line)["step"] <= resumed_step:
+                    kept.append(line if line.endswith("\n") else line + "\n")
+            except (json.JSONDecodeError, KeyError, TypeError):
+                continue  # a line cut short by a kill
+        if len(kept) != len(lines):
+            with atomic_write(self.path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+                f.writelines(kept)
+
+    def log(self, metrics: dict, step: int, epoch: int, total_steps: int | None = None, prefix: str | None = None,
+            meta: dict | None = None):
+        """`meta`: more fields for metrics.jsonl only (not numbers for the trackers or the console)."""
         head = prefix or f"epoch {epoch} step {step}/{total_steps}"
         self.logger.info(" ".join([head] + [format_metric(k, v) for k, v in metrics.items() if
                                             CONSOLE_FORMAT.get(k, ("",))[0] is not None]))
         if self.accelerator is not None:
             self.accelerator.log(metrics, step=step)
         if self.path:
-            record = {"step": step, "epoch": epoch, "time": round(time.time(), 3), **metrics}
+            record = {"step": step, "epoch": epoch, "time": round(time.time(), 3), **metrics, **(meta or {})}
             with open(self.path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")
 
