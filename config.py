@@ -96,6 +96,7 @@ class TrainConfig:
     epochs: int = 8  # passes over train_file
     max_steps: int = 0  # stop after this many optimizer steps; 0: no limit
     batch_size_per_gpu: int = 16  # rows per micro-batch, per process
+    max_tokens_per_batch: int = 0  # micro-batches by a budget of padded prompt + response tokens; 0: by rows
     gradient_accumulation_steps: int = 8  # micro-batches per optimizer step
     learn_rate: float = 1e-4  # peak learning rate
     div_factor: float = 50.0  # warmup starts at, and decay ends at, learn_rate / div_factor
@@ -106,6 +107,10 @@ class TrainConfig:
     max_bad_steps: int = 3  # consecutive steps with a non-finite loss or grad norm (skipped) before the run stops
     mixed_precision: str = "auto"  # auto (bf16 where the GPU has it, else no), no, bf16, fp16
     gradient_checkpointing: bool = False  # recompute activations in backward: less memory, slower
+    torch_compile: bool = False  # torch.compile the model (pad_to_multiple_of then defaults to 64)
+    torch_compile_backend: str = "inductor"  # inductor, aot_eager or eager (dynamo's graphs only)
+    pad_to_multiple_of: int = 0  # round padded lengths up to a multiple; 0: 64 compiled, 8 on CUDA, else 1
+    attn_implementation: str = "eager"  # eager or sdpa (torch's scaled_dot_product_attention)
     seed: int = 23333  # model init, dropout and data order
 
     # Data loading.
@@ -149,6 +154,14 @@ class TrainConfig:
         return "decoder" if self.is_finetune and self.trainable == "all" else self.trainable
 
     @property
+    def pad_multiple(self) -> int:
+        """What padded lengths are rounded up to."""
+        if self.pad_to_multiple_of:
+            return self.pad_to_multiple_of
+        import torch
+        return 64 if self.torch_compile else 8 if torch.cuda.is_available() else 1
+
+    @property
     def best(self) -> str:
         """The metric that picks best/."""
         return self.best_metric or {"dpo": "rewards/accuracy", "grpo": "exact_match"}.get(self.objective, "bleu4")
@@ -165,6 +178,8 @@ CHOICES = {
     "model_size": tuple(MODEL_PRESETS),
     "mix_strategy": ("first_exhausted", "all_exhausted"),
     "profile": ("", "low_memory"),
+    "attn_implementation": ("eager", "sdpa"),
+    "torch_compile_backend": ("inductor", "aot_eager", "eager", "cudagraphs"),
 }
 POSITIVE = ("epochs", "batch_size_per_gpu", "gradient_accumulation_steps", "learn_rate", "div_factor",
             "vocab_size", "max_seq_len", "dataloader_buffer_size", "logging_steps", "save_steps",
@@ -173,7 +188,7 @@ POSITIVE = ("epochs", "batch_size_per_gpu", "gradient_accumulation_steps", "lear
 NON_NEGATIVE = ("max_steps", "warmup_steps", "weight_decay", "max_grad_norm", "num_workers", "eval_steps",
                 "empty_cache_steps", "kl_beta", "lora_dropout", "dpo_label_smoothing", "dpo_rpo_alpha",
                 "grpo_clip_eps", "grpo_clip_eps_high", "grpo_beta", "early_stopping_patience",
-                "early_stopping_min_delta")
+                "early_stopping_min_delta", "max_tokens_per_batch", "pad_to_multiple_of")
 # Metrics an evaluation reports, per objective (exact_match/<task> too, for a file with a task column).
 EVAL_METRICS = {"seq2seq": ("loss", "perplexity", "bleu4", "exact_match", "kl"),
                 "dpo": ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin", "bleu4",
@@ -242,6 +257,9 @@ def validate(cfg: TrainConfig) -> None:
         bad = [w for w in cfg.train_file.values() if not w > 0]
         if bad:
             raise UserError(f"--train_file weights must be > 0, got {bad[0]}; drop a source instead of weighting it 0")
+    if cfg.max_tokens_per_batch and cfg.max_tokens_per_batch < 2 * cfg.max_seq_len:
+        raise UserError(f"--max_tokens_per_batch={cfg.max_tokens_per_batch} is below 2 x --max_seq_len "
+                        f"({2 * cfg.max_seq_len}): the longest row would not fit; raise it or lower --max_seq_len")
     if not 0 <= cfg.validation_split < 1:
         raise UserError(f"--validation_split must be in [0, 1), got {cfg.validation_split}")
     if cfg.validation_split and cfg.validation_file:

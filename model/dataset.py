@@ -257,13 +257,41 @@ def non_empty(*columns: list) -> np.ndarray:
     return np.array([all(t and t.strip() for t in texts) for texts in zip(*columns)], dtype=bool)
 
 
-def random_batches(n: int, batch_size: int, rng: np.random.Generator) -> list[np.ndarray]:
+@dataclasses.dataclass(frozen=True)
+class Budget:
+    """Micro-batches by padded tokens: rows x (longest prompt + targets x longest target), each
+    rounded up to `multiple`, at most `tokens` (`targets`: the target texts a row pads, 2 for DPO)."""
+    tokens: int
+    multiple: int = 1
+    targets: int = 1
+
+    def cut(self, order: np.ndarray, prompt_lens: np.ndarray, target_lens: np.ndarray) -> list[np.ndarray]:
+        """`order` cut greedily, in order, into batches within the budget."""
+        m = self.multiple
+        p = -(-prompt_lens[order] // m) * m
+        t = -(-target_lens[order] // m) * m
+        batches, start, longest_p, longest_t = [], 0, 0, 0
+        for i in range(len(order)):
+            lp, lt = max(longest_p, p[i]), max(longest_t, t[i])
+            if i > start and (i - start + 1) * (lp + self.targets * lt) > self.tokens:
+                batches.append(order[start:i])
+                start, lp, lt = i, p[i], t[i]
+            longest_p, longest_t = lp, lt
+        if len(order):
+            batches.append(order[start:])
+        return batches
+
+
+def random_batches(n: int, batch_size: int, rng: np.random.Generator, budget: Budget | None = None,
+                   prompt_lens=None, target_lens=None) -> list[np.ndarray]:
     order = rng.permutation(n)
+    if budget is not None:
+        return budget.cut(order, prompt_lens, target_lens)
     return [order[i:i + batch_size] for i in range(0, n, batch_size)]
 
 
 def length_grouped_batches(prompt_lens: np.ndarray, response_lens: np.ndarray, batch_size: int,
-                           rng: np.random.Generator) -> list[np.ndarray]:
+                           rng: np.random.Generator, budget: Budget | None = None) -> list[np.ndarray]:
     """Indices grouped into batches of similar length, in a shuffled batch order.
 
     Each batch pads to its own longest prompt and longest response, so rows of similar
@@ -276,10 +304,15 @@ def length_grouped_batches(prompt_lens: np.ndarray, response_lens: np.ndarray, b
     n = len(prompt_lens)
     order = rng.permutation(n)
     order = order[np.lexsort((prompt_lens[order], response_lens[order]))]
-    runs = max(1, round(math.sqrt(math.ceil(n / batch_size))))
-    order = np.concatenate([run[np.argsort(prompt_lens[run], kind="stable")]
-                            for run in np.array_split(order, runs)])
-    batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    expected = math.ceil(n / batch_size) if budget is None else \
+        math.ceil(int((prompt_lens + budget.targets * response_lens).sum()) / budget.tokens)
+    runs = [run[np.argsort(prompt_lens[run], kind="stable")]
+            for run in np.array_split(order, max(1, round(math.sqrt(expected))))]
+    if budget is None:
+        order = np.concatenate(runs)
+        batches = [order[i:i + batch_size] for i in range(0, n, batch_size)]
+    else:  # with a budget, each run is cut on its own: its rows are of similar length
+        batches = [b for run in runs for b in budget.cut(run, prompt_lens, response_lens)]
     return [batches[i] for i in rng.permutation(len(batches))]
 
 
@@ -302,7 +335,7 @@ class TrainStream(IterableDataset):
                  seed: int, rank: int = 0, world_size: int = 1, num_workers: int = 0,
                  keep_in_memory: bool = False, group_by_length: bool = True, objective=None,
                  sources: list[Source] | None = None, mix_strategy: str = "first_exhausted",
-                 validation_split: float = 0.0):
+                 validation_split: float = 0.0, max_tokens_per_batch: int = 0):
         # The objective names the text columns (the first is the encoder's input) and pads a
         # batch of their token ids; the stream reads, shards, groups and resumes any of them alike.
         self.objective = objective or Seq2Seq()
@@ -314,6 +347,8 @@ class TrainStream(IterableDataset):
         self.workers = max(1, num_workers)
         self.sources = sources if sources and len(sources) > 1 else None
         self.mix_strategy, self.validation_split = mix_strategy, validation_split
+        self.budget = Budget(max_tokens_per_batch, self.objective.pad_multiple, len(self.columns) - 1) \
+            if max_tokens_per_batch else None
         for path in files:
             open_parquet(path, self.columns)  # a missing or non-string column fails now, naming what is there
         # Columns that travel as raw values in batch["texts"] (what GRPO's rewards read).
@@ -435,9 +470,9 @@ class TrainStream(IterableDataset):
             prompt_lens = ids[self.columns[0]].lengths
             target_lens = np.max([ids[c].lengths for c in self.columns[1:]], axis=0)
             if self.group_by_length:
-                batches = length_grouped_batches(prompt_lens, target_lens, self.batch_size, rng)
+                batches = length_grouped_batches(prompt_lens, target_lens, self.batch_size, rng, self.budget)
             else:
-                batches = random_batches(len(rows), self.batch_size, rng)
+                batches = random_batches(len(rows), self.batch_size, rng, self.budget, prompt_lens, target_lens)
             for j, idx in enumerate(batches):
                 if k == window and j < done:
                     continue
@@ -535,6 +570,29 @@ def _ignore_signals(_worker_id: int) -> None:
     # the workers itself, so a worker must not die first and break the last batch.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+
+def prefetch(iterator, depth: int = 4):
+    """Yield `iterator`'s items, read ahead by a thread: without DataLoader workers on a GPU the
+    next batches are read and tokenized while the GPU computes (the tokenizer and parquet release
+    the GIL). The thread stops when the iterator ends; one left blocked at a stop is a daemon."""
+    import queue
+    import threading
+    items, done = queue.Queue(maxsize=depth), object()
+
+    def fill():
+        try:
+            for item in iterator:
+                items.put(item)
+        except BaseException as err:  # noqa: BLE001 (handed to the consumer, raised there)
+            items.put(err)
+        items.put(done)
+
+    threading.Thread(target=fill, daemon=True, name="chatlm-prefetch").start()
+    while (item := items.get()) is not done:
+        if isinstance(item, BaseException):
+            raise item
+        yield item
 
 
 def get_train_loader(stream: TrainStream, num_workers: int, pin_memory: bool = False) -> DataLoader:

@@ -24,16 +24,16 @@ LABEL_PAD = -100  # ignored by the loss
 EOS = 1  # [EOS]; [PAD] = 0 is also T5's decoder start token
 
 
-def pad(rows: list, value: int) -> torch.Tensor:
-    """Token id arrays -> (len(rows), longest) tensor padded with `value`."""
-    out = torch.full((len(rows), max(map(len, rows))), value, dtype=torch.long)
+def pad(rows: list, value: int, multiple: int = 1) -> torch.Tensor:
+    """Token id arrays -> (len(rows), longest rounded up to `multiple`) tensor padded with `value`."""
+    out = torch.full((len(rows), -(-max(map(len, rows)) // multiple) * multiple), value, dtype=torch.long)
     for i, ids in enumerate(rows):
         out[i, :len(ids)] = torch.as_tensor(ids)
     return out
 
 
-def encoder_inputs(prompts: list) -> dict:
-    input_ids = pad(prompts, 0)
+def encoder_inputs(prompts: list, multiple: int = 1) -> dict:
+    input_ids = pad(prompts, 0, multiple)
     lengths = torch.tensor([len(p) for p in prompts])
     attention_mask = (torch.arange(input_ids.shape[1])[None, :] < lengths[:, None]).long()
     return {"input_ids": input_ids, "attention_mask": attention_mask}
@@ -78,6 +78,7 @@ class Seq2Seq:
     columns = ("prompt", "response")
     target = "response"  # what greedy answers are compared with
     default_best_metric = "bleu4"
+    pad_multiple = 1  # padded lengths are rounded up to this (a compiled model sees few shapes)
 
     def __init__(self, kl_beta: float = 0.0):
         self.kl_beta = kl_beta
@@ -86,10 +87,16 @@ class Seq2Seq:
 
     def collate(self, rows: dict) -> dict:
         """{"prompt": [ids], "response": [ids]} -> padded encoder inputs and labels."""
-        return {**encoder_inputs(rows["prompt"]), "labels": pad(rows["response"], LABEL_PAD)}
+        return {**encoder_inputs(rows["prompt"], self.pad_multiple),
+                "labels": pad(rows["response"], LABEL_PAD, self.pad_multiple)}
 
     def count_tokens(self, batch: dict) -> int:
         return int(batch["attention_mask"].sum()) + int((batch["labels"] != LABEL_PAD).sum())
+
+    def loss_units(self, batch: dict) -> int:
+        """What the loss is a mean over, counted in a batch: the target tokens. The loop weights
+        each micro-batch by it, so an optimizer step's loss is the mean over all its units."""
+        return int((batch["labels"] != LABEL_PAD).sum())
 
     def loss(self, model, batch: dict, reference: Reference | None) -> tuple[torch.Tensor, dict]:
         out = model(**batch)
@@ -137,6 +144,7 @@ class DPO:
     target = "chosen"
     default_best_metric = "rewards/accuracy"
     needs_reference = True
+    pad_multiple = 1
     metric_names = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin")
 
     def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
@@ -151,10 +159,15 @@ class DPO:
 
     def collate(self, rows: dict) -> dict:
         """Prompts once; chosen (rows 0..B-1) and rejected (B..2B-1) labels stacked, one padding."""
-        return {**encoder_inputs(rows["prompt"]), "labels": pad(rows["chosen"] + rows["rejected"], LABEL_PAD)}
+        return {**encoder_inputs(rows["prompt"], self.pad_multiple),
+                "labels": pad(rows["chosen"] + rows["rejected"], LABEL_PAD, self.pad_multiple)}
 
     def count_tokens(self, batch: dict) -> int:
         return int(batch["attention_mask"].sum()) + int((batch["labels"] != LABEL_PAD).sum())
+
+    def loss_units(self, batch: dict) -> int:
+        """The loss is a mean over pairs."""
+        return int(batch["input_ids"].shape[0])
 
     def logps(self, model, batch: dict, nll: bool = False):
         """(2B,) log-probs of chosen then rejected: one forward over the stacked batch. With
@@ -219,6 +232,10 @@ class GRPO(Seq2Seq):
     """
     name = "grpo"
     default_best_metric = "exact_match"
+
+    def loss_units(self, batch: dict) -> int:
+        """Prompts: the loss is a mean within the batch's samples, and batches weigh by prompts."""
+        return int(batch["input_ids"].shape[0])
 
     def __init__(self, rewards: list, group_size: int = 8, max_new_tokens: int = 32, temperature: float = 1.0,
                  top_p: float = 1.0, clip_eps: float = 0.2, clip_eps_high: float = 0.0, beta: float = 0.0,
@@ -368,9 +385,12 @@ class GRPO(Seq2Seq):
 def get_objective(cfg):
     if cfg.objective == "grpo":
         from model.rewards import parse_rewards
-        return GRPO(parse_rewards(cfg.reward), cfg.grpo_group_size, cfg.grpo_max_new_tokens, cfg.grpo_temperature,
-                    cfg.grpo_top_p, cfg.grpo_clip_eps, cfg.grpo_clip_eps_high, cfg.grpo_beta,
-                    cfg.grpo_loss_aggregation, cfg.grpo_iterations)
-    if cfg.objective == "dpo":
-        return DPO(cfg.dpo_beta, cfg.dpo_loss, cfg.dpo_label_smoothing, cfg.dpo_rpo_alpha)
-    return Seq2Seq(cfg.kl_beta)
+        objective = GRPO(parse_rewards(cfg.reward), cfg.grpo_group_size, cfg.grpo_max_new_tokens,
+                         cfg.grpo_temperature, cfg.grpo_top_p, cfg.grpo_clip_eps, cfg.grpo_clip_eps_high,
+                         cfg.grpo_beta, cfg.grpo_loss_aggregation, cfg.grpo_iterations)
+    elif cfg.objective == "dpo":
+        objective = DPO(cfg.dpo_beta, cfg.dpo_loss, cfg.dpo_label_smoothing, cfg.dpo_rpo_alpha)
+    else:
+        objective = Seq2Seq(cfg.kl_beta)
+    objective.pad_multiple = cfg.pad_multiple
+    return objective

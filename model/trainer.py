@@ -20,7 +20,8 @@ import typing
 import numpy as np
 import torch
 from accelerate import Accelerator
-from accelerate.utils import GradientAccumulationPlugin, broadcast_object_list, gather_object, set_seed
+from accelerate.utils import (GradientAccumulationPlugin, TorchDynamoPlugin, broadcast_object_list, gather_object,
+                               set_seed)
 from safetensors import SafetensorError
 from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors.torch import load_file
@@ -32,9 +33,9 @@ import model.checkpoint as ckpt
 from config import T5ModelConfig, TrainConfig
 from model.chat_model import TextToTextModel, get_generation_config, get_t5_config
 from model.dataset import (EvalSet, TrainStream, describe, epoch_batches, get_eval_loader, get_pieces, get_sources,
-                           get_train_loader, text_columns)
+                           get_train_loader, prefetch, text_columns)
 from model.evaluation import LOWER_IS_BETTER, evaluate, is_better, score_file
-from model.objectives import Reference, get_objective
+from model.objectives import Reference, Seq2Seq, get_objective
 from model.regression import load_checks, run_checks
 from utils.cli import coerce
 from utils.errors import QuietUserError, UserError
@@ -106,8 +107,10 @@ def get_optimizer(model: torch.nn.Module, cfg: TrainConfig) -> torch.optim.Optim
                          warmup_init=False)
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]  # layer norms
+    # fused: one kernel for all parameters on CUDA instead of a loop of small ones
+    fused = bool(params) and all(p.device.type == "cuda" for p in params) or None
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
-                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learn_rate)
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learn_rate, fused=fused)
 
 
 def optimizer_state_bytes(model: torch.nn.Module, optimizer: str) -> int:
@@ -236,6 +239,12 @@ def check_settings(state: str, saved: dict, now: dict) -> None:
                         "group changed); resume with the same --train_file, or start a new run")
 
 
+def compiled_graphs() -> int:
+    """Graphs torch.compile has made in this process (one per shape it did not reuse a graph for)."""
+    from torch._dynamo.utils import counters
+    return int(counters["stats"]["unique_graphs"])
+
+
 class NonFiniteLoss(UserError):
     """The loss or the gradient norm stayed non-finite for max_bad_steps steps."""
 
@@ -322,8 +331,18 @@ class ChatTrainer:
             gradient_accumulation_plugin=GradientAccumulationPlugin(
                 num_steps=cfg.gradient_accumulation_steps, sync_with_dataloader=False),
             log_with=None if cfg.log_with == "none" else cfg.log_with,
+            # prepare() compiles the model; the padded lengths are rounded (pad_to_multiple_of) so
+            # a run compiles a handful of shapes.
+            dynamo_plugin=TorchDynamoPlugin(backend=cfg.torch_compile_backend.upper()) if cfg.torch_compile else None,
             project_dir=cfg.output_dir)
         acc = self.accelerator
+        if acc.distributed_type.value in ("FSDP", "DEEPSPEED"):
+            raise UserError(f"{acc.distributed_type.value} is not supported yet: a train state holds the main "
+                            "process's weights and optimizer state, which under sharding are only its shard; "
+                            "launch with DDP (accelerate launch --config_file configs/accelerate/ddp.yaml)")
+        if acc.device.type == "cuda":
+            torch.backends.cuda.matmul.allow_tf32 = True  # what stays fp32 under bf16 autocast, or all without it
+            torch.backends.cudnn.allow_tf32 = True
         if acc.num_processes > 1:
             # Stop flags travel on a CPU group so the check never waits on the GPU queue.
             self.flag_group = torch.distributed.new_group(backend="gloo")
@@ -346,6 +365,8 @@ class ChatTrainer:
         self.objective.tokenizer = self.tokenizer  # an objective that samples decodes with it
         self.model, self.reference = self.get_model()
         self.stream = self.get_stream()
+        if cfg.max_tokens_per_batch:
+            self.total_steps = self.estimate_budget_steps()
         self.loader = get_train_loader(self.stream, cfg.num_workers, pin_memory=acc.device.type == "cuda")
         eos = [self.tokenizer.eos_token_id]
         self.idle_batch = self.objective.collate({c: [eos] for c in self.objective.columns})
@@ -362,6 +383,10 @@ class ChatTrainer:
         self.progress = TrainingProgress()
         self.meters = Meters(acc.device, self.objective.metric_names, len(self.sources))
         self.bad_steps, self.unconfirmed = 0, []
+        # The fixed scale of a micro-batch's weight (see run_epoch): about one micro-batch's units.
+        self.unit_scale = float(cfg.batch_size_per_gpu * (32 if isinstance(self.objective, Seq2Seq)
+                                                          and self.objective.name == "seq2seq" else 1))
+        self.step_units = 0
         self.maybe_resume()
         if acc.is_main_process:
             self.metrics.start(self.progress.step if self.resume_from is not None else None)
@@ -390,7 +415,9 @@ class ChatTrainer:
                 check_data_file(getattr(cfg, what), columns, what=what)
         self.checks = load_checks(cfg.regression_file) if cfg.regression_file else []
         pieces = get_pieces(self.train_files, self.sources)
-        self.total_steps = self.count_total_steps(pieces)
+        # With a token budget the rows per batch depend on the lengths: until the tokenizer can
+        # tell (build), count with one row a batch, which only checks there is a step's worth.
+        self.total_steps = self.count_total_steps(pieces, 1 if cfg.max_tokens_per_batch else None)
         has_tokenizer = os.path.isfile(os.path.join(cfg.tokenizer_dir, "tokenizer.json"))
         tokenizer = load_tokenizer(cfg.tokenizer_dir) if has_tokenizer else None
         if cfg.start_from:
@@ -519,6 +546,8 @@ class ChatTrainer:
         else:
             model = TextToTextModel(get_t5_config(T5ModelConfig.preset(cfg.model_size), len(self.tokenizer)))
         model.generation_config = get_generation_config(cfg.max_seq_len)
+        if cfg.attn_implementation != "eager":
+            model.set_attn_implementation(cfg.attn_implementation)
         frozen = None
         if self.objective.needs_reference and cfg.trains != "lora":
             frozen = copy.deepcopy(model).eval().requires_grad_(False).to(acc.device)
@@ -568,9 +597,26 @@ class ChatTrainer:
         return TrainStream(self.train_files, self.tokenizer, cfg.batch_size_per_gpu, cfg.max_seq_len,
                            cfg.dataloader_buffer_size, cfg.seed, acc.process_index, acc.num_processes,
                            cfg.num_workers, keep_in_memory, cfg.group_by_length, self.objective,
-                           self.sources, cfg.mix_strategy, cfg.validation_split)
+                           self.sources, cfg.mix_strategy, cfg.validation_split, cfg.max_tokens_per_batch)
 
-    def count_total_steps(self, pieces) -> int:
+    def estimate_budget_steps(self) -> int:
+        """Optimizer steps with token-budget batches: the rows a batch holds in the first two
+        windows of this process's first shard, applied to every shard's rows. An estimate (the run
+        ends when the data does; the schedule holds its floor beyond)."""
+        cfg, stream = self.cfg, self.stream
+        rows = batches = 0
+        shard = stream.rank * stream.workers
+        for batch, (window, _) in stream.one_pass(shard, [cfg.seed, 0], None, 0, 0):
+            if window >= 2:
+                break
+            rows, batches = rows + len(batch["row_index"]), batches + 1
+        per_batch = max(1, round(rows / max(1, batches)))
+        steps = self.count_total_steps(stream.pieces, per_batch)
+        self.logger.info(f"token budget {cfg.max_tokens_per_batch}: about {per_batch} rows a batch in the first "
+                         f"windows, so about {steps} optimizer steps")
+        return steps
+
+    def count_total_steps(self, pieces, rows_per_batch: int | None = None) -> int:
         """Optimizer steps of the whole run, for the schedule and the progress bar.
 
         Every process steps until the one with the most batches is done; accumulation runs on
@@ -580,7 +626,8 @@ class ChatTrainer:
 
         def per_epoch(epoch):
             return max(epoch_batches(pieces, self.sources, range(rank * workers, (rank + 1) * workers),
-                                     processes * workers, cfg.dataloader_buffer_size, cfg.batch_size_per_gpu,
+                                     processes * workers, cfg.dataloader_buffer_size,
+                                     rows_per_batch or cfg.batch_size_per_gpu,
                                      cfg.seed, epoch, cfg.mix_strategy, cfg.validation_split)
                        for rank in range(processes))
 
@@ -792,6 +839,9 @@ class ChatTrainer:
             self.stop.restore()
         self.on_main(self.write_summary, "early_stopped" if done and progress.early_stopped else
                      "finished" if done else "stopped")
+        if cfg.torch_compile:
+            self.logger.info(f"torch.compile ({cfg.torch_compile_backend}): {compiled_graphs()} graphs compiled, "
+                             f"padded lengths rounded up to multiples of {cfg.pad_multiple}")
         if not done:
             self.logger.info(f"stopped at step {progress.step}; continue with --is_keep_training=True")
         acc.end_training()
@@ -842,16 +892,20 @@ class ChatTrainer:
         acc, cfg, model, progress = self.accelerator, self.cfg, self.model, self.progress
         stop_pending = False
         model.train()
-        for batch, active, stop_now in self.batches():
+        for batch, units, all_units, stop_now in self.batches():
             stop_pending = stop_pending or stop_now
             if batch is None:
                 # This process has run out of the epoch's data, others have not: it steps with
                 # them on a batch that weighs nothing, so their rows are all trained on.
-                batch, weight = self.idle_batch, 0.0
+                batch = self.idle_batch
             else:
                 self.record_batch(batch)
-                # DDP averages over all processes; this makes it the mean over those with data.
-                weight = acc.num_processes / active
+            # The loss of an optimizer step is the mean over all its units (target tokens; pairs
+            # or prompts for DPO and GRPO) across micro-batches and processes, however unevenly
+            # they are split: a micro-batch weighs its units. Accelerate divides by the
+            # accumulation steps and DDP averages over processes; the weight undoes both against a
+            # fixed scale, and apply_update divides by the step's units once they are all known.
+            weight = units * acc.num_processes * cfg.gradient_accumulation_steps / self.unit_scale
             batch = {k: v.to(acc.device, non_blocking=True) if torch.is_tensor(v) else v for k, v in batch.items()}
             saves = progress.step // cfg.save_steps
             # An objective may make several updates on one batch (GRPO's iterations on one batch
@@ -859,6 +913,7 @@ class ChatTrainer:
             # last of them, so a resume starts at a batch boundary.
             updates = self.objective.updates_per_batch
             for update in range(updates):
+                self.step_units += all_units
                 with acc.accumulate(model):
                     loss, values = self.objective.loss(model, batch, self.reference)
                     acc.backward(loss * weight)  # Accelerate divides by gradient_accumulation_steps: once
@@ -890,8 +945,13 @@ class ChatTrainer:
         self.last_lr = cfg.learn_rate * self.schedule(step)
         for group in self.optimizer.param_groups:
             group["lr"] = self.last_lr
+        scale = self.unit_scale / max(1, self.step_units)
+        self.step_units = 0
+        params = self.trainable_params()
+        if scale != 1.0:
+            torch._foreach_mul_([p.grad for p in params if p.grad is not None], scale)
         # One norm for all processes (gradients are already averaged), so all decide alike.
-        self.grad_norm = acc.clip_grad_norm_(self.trainable_params(), cfg.max_grad_norm or float("inf"))
+        self.grad_norm = acc.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
         finite = math.isfinite(float(self.grad_norm))  # one host sync per optimizer step
         if finite or acc.mixed_precision == "fp16":  # fp16: the grad scaler skips overflowing steps itself
             self.optimizer.step()
@@ -923,19 +983,23 @@ class ChatTrainer:
                             f"--learn_rate or set --max_grad_norm, then {resume}")
 
     def batches(self):
-        """Yield (batch or None, processes with a batch, stop requested anywhere) until no
-        process has data left.
+        """Yield (batch or None, its loss units, all processes' units, stop requested anywhere)
+        until no process has data left.
 
-        Processes stay in step: each micro-step they count who still has a batch and whether
-        any received a stop signal (one small all-reduce on a CPU group).
+        Processes stay in step: each micro-step they count who still has a batch, the units its
+        loss is a mean over, and whether any received a stop signal (one small all-reduce on a
+        CPU group).
         """
         it = iter(self.loader)
+        if self.accelerator.device.type == "cuda" and not self.cfg.num_workers:
+            it = prefetch(it)  # on a CPU the thread would take a core from the computation
         while True:
             batch = next(it, None)
-            active, stop = self.agree(batch is not None, self.stop.signum is not None)
+            units = self.objective.loss_units(batch) if batch is not None else 0
+            active, stop, all_units = self.agree(batch is not None, self.stop.signum is not None, units)
             if not active:
                 return
-            yield batch, active, bool(stop)
+            yield batch, units, all_units, bool(stop)
 
     def agree(self, *flags: bool) -> list[int]:
         """Each flag summed over all processes."""
@@ -1094,6 +1158,7 @@ class ChatTrainer:
                      "rows_per_source": dict(zip((s.label for s in self.sources), progress.rows_per_source))
                      if progress.rows_per_source else None},
             "median_tokens_per_s": float(np.median(speeds)) if speeds else None,
+            "compiled_graphs": compiled_graphs() if cfg.torch_compile else None,
             "peak_rss_gb": round(memory["peak_rss_gb"], 3),
             "peak_gpu_gb": round(memory["peak_gpu_gb"], 3) if "peak_gpu_gb" in memory else None,
             "best": {"metric": cfg.best, "score": progress.best_score, "step": progress.best_step},

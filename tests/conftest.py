@@ -7,6 +7,12 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # `pytest -n 2` on two cores: one compute thread per test process (and in the processes its
+    # tests start), or OpenMP threads spin on each other and every test crawls.
+    os.environ["OMP_NUM_THREADS"] = "1"
+    os.environ["MKL_NUM_THREADS"] = "1"
+
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 SAMPLE_DIR = os.path.join(ROOT, "..", "shared", "data", "chatlm_sample")
 sys.path.insert(0, ROOT)

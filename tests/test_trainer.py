@@ -299,10 +299,10 @@ def test_resume_after_sigterm_twice_matches_an_uninterrupted_run(tmp_path, data_
 def test_two_processes_train_and_save_a_loadable_model(tmp_path, data_dir, tokenizer_dir):
     from transformers import AutoModelForSeq2SeqLM
     flags = tiny_flags(tmp_path, data_dir, tokenizer_dir, max_steps=4, trace_samples=True)
-    # `accelerate launch --cpu` starts one process unless MPI is set up; --multi_gpu starts two
-    # through torchrun, and on a machine without a GPU the trainer joins them over gloo.
-    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
-                           "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+    # The shipped DDP config: `accelerate launch --cpu` would start one process unless MPI is set
+    # up; MULTI_GPU starts two through torchrun, and without a GPU the trainer joins them over gloo.
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+                           os.path.join(ROOT, "configs", "accelerate", "ddp.yaml"),
                            "train.py", "train", *as_args(flags)], cwd=ROOT, capture_output=True, text=True,
                           timeout=600)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]

@@ -1,0 +1,139 @@
+"""Token-budget batches, the loss weighting of uneven micro-batches, compilation and attention kernels."""
+import json
+import os
+import re
+import signal
+
+import numpy as np
+import pytest
+import torch
+
+from config import load_config
+from conftest import demo_rows, tiny_flags, write_rows
+from model.dataset import TrainStream, get_train_loader
+from model.objectives import Seq2Seq
+from model.trainer import ChatTrainer
+from utils.errors import UserError
+from utils.logging import read_metrics
+from utils.tokenizer import load_tokenizer
+
+
+def train(flags, trainer_class=ChatTrainer) -> ChatTrainer:
+    from accelerate.state import AcceleratorState, GradientState
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    trainer = trainer_class(load_config(**flags))
+    trainer.train()
+    return trainer
+
+
+class StopAt(ChatTrainer):
+    step = None
+
+    def maybe_log(self):
+        super().maybe_log()
+        if self.step is not None and self.progress.step == self.step - 1:
+            self.stop.signum = signal.SIGTERM
+
+
+def padded_tokens(batch):
+    return batch["input_ids"].numel() + batch["labels"].numel()
+
+
+@pytest.mark.parametrize("multiple", [1, 8])
+def test_token_budget_batches_stay_within_it_and_cover_every_row_once(data_dir, tokenizer_dir, multiple):
+    tok = load_tokenizer(tokenizer_dir)
+    objective = Seq2Seq()
+    objective.pad_multiple = multiple
+    seen, sizes = [], set()
+    for rank in (0, 1):
+        stream = TrainStream([str(data_dir / "train.parquet")], tok, 8, 32, 64, 7, rank, 2, 2, objective=objective,
+                             max_tokens_per_batch=160)
+        for batch in get_train_loader(stream, 2):
+            assert padded_tokens(batch) <= 160
+            assert batch["input_ids"].shape[1] % multiple == 0 and batch["labels"].shape[1] % multiple == 0
+            sizes.add(len(batch["row_index"]))
+            seen += batch["row_index"].tolist()
+    assert sorted(seen) == list(range(400))  # every row once, over 2 processes x 2 workers
+    assert len(sizes) > 2  # batches of many sizes: short rows in large ones, long rows in small ones
+
+
+def test_uneven_micro_batches_weigh_like_one_batch_of_their_rows(tmp_path, tokenizer_dir):
+    # 6 short rows and 2 long ones in one window: the budget of 64 padded tokens makes a batch of
+    # the 6 short and one of the 2 long rows, one optimizer step of 2 micro-batches. Its gradient
+    # must be that of one batch of all 8 rows: the mean over the step's target tokens (a mean of
+    # the two micro-batch means would weigh each long row's tokens 3 times as much).
+    prompts = ["1"] * 6 + ["一千二百三十四"] * 2
+    responses = ["2"] * 6 + ["九千九百九十九"] * 2
+    path = write_rows(tmp_path / "uneven.parquet", prompts, responses)
+    common = dict(train_file=path, validation_file="", max_steps=1, epochs=1, dataloader_buffer_size=8,
+                  warmup_steps=0, max_grad_norm=1e9, optimizer="adafactor", learn_rate=1e-2)
+    micro = train(tiny_flags(tmp_path / "micro", tmp_path, tokenizer_dir, max_tokens_per_batch=64,
+                             gradient_accumulation_steps=2, **common))
+    whole = train(tiny_flags(tmp_path / "whole", tmp_path, tokenizer_dir, batch_size_per_gpu=8,
+                             gradient_accumulation_steps=1, **common))
+    assert micro.progress.micro_step == 2 and whole.progress.micro_step == 1 and micro.progress.step == 1
+    norms = [read_metrics(t.cfg.output_dir)[0]["train/grad_norm"] for t in (micro, whole)]
+    assert norms[0] == pytest.approx(norms[1], rel=1e-5)
+    a, b = (t.accelerator.unwrap_model(t.model).state_dict() for t in (micro, whole))
+    for name in a:
+        assert torch.allclose(a[name], b[name], atol=1e-6), name
+
+
+def test_resume_with_a_token_budget_matches_an_uninterrupted_run(tmp_path, data_dir, tokenizer_dir):
+    common = dict(max_tokens_per_batch=200, gradient_accumulation_steps=2, epochs=2, trace_samples=True,
+                  validation_file="", pad_to_multiple_of=8)
+    straight = train(tiny_flags(tmp_path / "a", data_dir, tokenizer_dir, **common))
+    flags = tiny_flags(tmp_path / "b", data_dir, tokenizer_dir, **common)
+    StopAt.step = 9
+    assert train(flags, StopAt).progress.step == 9
+    StopAt.step = None
+    resumed = train({**flags, "is_keep_training": True})
+    traces = []
+    for t in (straight, resumed):
+        with open(os.path.join(t.cfg.output_dir, "samples.rank0.jsonl"), encoding="utf-8") as f:
+            traces.append([json.loads(line)["rows"] for line in f])
+    assert traces[0] == traces[1] and resumed.progress.step == straight.progress.step
+    assert sorted(r for rows in traces[0][:len(traces[0]) // 2] for r in rows) != []  # not empty
+    a, b = (t.accelerator.unwrap_model(t.model).state_dict() for t in (straight, resumed))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    # The step count was estimated ahead from the first windows: near what the run made.
+    assert abs(straight.total_steps - straight.progress.step) <= 0.1 * straight.progress.step
+    with pytest.raises(UserError, match="below 2 x --max_seq_len"):
+        load_config(max_tokens_per_batch=100, max_seq_len=256)
+
+
+def test_torch_compile_trains_and_compiles_a_bounded_number_of_shapes(tmp_path, data_dir, tokenizer_dir, capsys):
+    import torch._dynamo
+    torch._dynamo.reset()
+    from torch._dynamo.utils import counters
+    counters.clear()
+    trainer = train(tiny_flags(tmp_path, data_dir, tokenizer_dir, max_steps=12, validation_file="",
+                               torch_compile=True, torch_compile_backend="eager"))
+    losses = [r["train/loss"] for r in read_metrics(trainer.cfg.output_dir)]
+    assert len(losses) == 12 and all(np.isfinite(losses))
+    graphs = int(counters["stats"]["unique_graphs"])
+    # Padded to multiples of 64 (the default when compiling), max_seq_len 32: one shape.
+    assert 1 <= graphs <= 4, graphs
+    with open(os.path.join(trainer.cfg.output_dir, "train.log"), encoding="utf-8") as f:
+        assert re.search(r"torch.compile \(eager\): \d+ graphs compiled, padded lengths rounded up to multiples "
+                         r"of 64", f.read())
+    with open(os.path.join(trainer.cfg.output_dir, "summary.json"), encoding="utf-8") as f:
+        assert json.load(f)["compiled_graphs"] == graphs
+    from transformers import AutoModelForSeq2SeqLM
+    AutoModelForSeq2SeqLM.from_pretrained(os.path.join(trainer.cfg.output_dir, "final"))  # saved uncompiled
+
+
+def test_sdpa_attention_gives_the_eager_loss(data_dir, tokenizer_dir):
+    from config import T5ModelConfig
+    from model.chat_model import TextToTextModel, get_t5_config
+    tok = load_tokenizer(tokenizer_dir)
+    prompts, responses = demo_rows(8)
+    batch = Seq2Seq().collate({"prompt": [tok(p)["input_ids"] for p in prompts],
+                               "response": [tok(r)["input_ids"] for r in responses]})
+    torch.manual_seed(0)
+    model = TextToTextModel(get_t5_config(T5ModelConfig.preset("tiny"), len(tok))).eval()
+    eager = model(**batch).loss
+    model.set_attn_implementation("sdpa")
+    assert model.config._attn_implementation == "sdpa"
+    assert float(model(**batch).loss) == pytest.approx(float(eager), abs=1e-5)
