@@ -29,7 +29,6 @@ import tempfile
 import time
 
 import fire
-import numpy as np
 import pyarrow.parquet as pq
 import torch
 import torch._dynamo

@@ -4,8 +4,8 @@
     python bench/bench_mix.py --weights=0.5,0.3,0.2
 
 Sources of different sizes (rows shaped like the real data, bench/make_synthetic_parquet.py)
-are streamed by `TrainStream` as one training process with `shards` DataLoader workers would
-read them, batch 16, windows of 10k rows. Printed per mix strategy: the rows taken from each
+are streamed by `TrainStream` as process 0 of `processes` reads them (its shard), batch 16,
+windows of 10k rows. Printed per mix strategy: the rows taken from each
 source after 1%, 10%, 50% and all of the epoch, against the weights, and whether a stream
 resumed from a state saved a third of the way through yields the same batches as the rest of
 the uninterrupted epoch.
@@ -20,11 +20,11 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from model.dataset import TrainStream, get_sources, get_train_loader  # noqa: E402
+from model.dataset import TrainStream, get_sources  # noqa: E402
 from utils.tokenizer import load_tokenizer, train_tokenizer  # noqa: E402
 
 
-def main(weights: str = "0.7,0.3", rows: str = "60000,40000", shards: int = 2, batch_size: int = 16,
+def main(weights: str = "0.7,0.3", rows: str = "60000,40000", processes: int = 2, batch_size: int = 16,
          data_dir: str = "/tmp/chatlm_bench_mix", seed: int = 0):
     from make_synthetic_parquet import main as make_rows
     weights = [float(w) for w in str(weights).split(",")]
@@ -43,12 +43,12 @@ def main(weights: str = "0.7,0.3", rows: str = "60000,40000", shards: int = 2, b
     sources = get_sources(dict(zip(files, weights)))
     starts = np.cumsum([0] + sizes)
     print(f"sources: {', '.join(f'{s.label} {n:,} rows x {w}' for s, n, w in zip(sources, sizes, weights))}; "
-          f"{shards} shards, batch {batch_size}")
+          f"process 0 of {processes}, batch {batch_size}")
     for strategy in ("first_exhausted", "all_exhausted"):
         def stream():
-            return TrainStream(files, tokenizer, batch_size, 128, 10_000, seed, 0, 1, shards, sources=sources,
+            return TrainStream(files, tokenizer, batch_size, 128, 10_000, seed, 0, processes, sources=sources,
                                mix_strategy=strategy)
-        batches = [b["row_index"].numpy() for b in get_train_loader(stream(), shards)]
+        batches = [b["row_index"].numpy() for b in stream()]
         which = [np.searchsorted(starts, b, side="right") - 1 for b in batches]
         line = []
         for share in (0.01, 0.1, 0.5, 1.0):
@@ -59,11 +59,11 @@ def main(weights: str = "0.7,0.3", rows: str = "60000,40000", shards: int = 2, b
         # Resume a third of the way through from the JSON state a train state would hold.
         cut = len(batches) // 3
         head = stream()
-        for b in list(get_train_loader(stream(), shards))[:cut]:
+        for _, b in zip(range(cut), stream()):
             head.advance(b)
         resumed = stream()
         resumed.load_state_dict(json.loads(json.dumps(head.state_dict())))
-        rest = [b["row_index"].numpy() for b in get_train_loader(resumed, shards)]
+        rest = [b["row_index"].numpy() for b in resumed]
         same = len(rest) == len(batches) - cut and all(np.array_equal(a, b) for a, b in zip(rest, batches[cut:]))
         print(f"{strategy}: {len(batches):,} batches, rows per source {', '.join(f'{n:,}' for n in per_source)}; "
               f"shares after {'; '.join(line)}; resumed at batch {cut:,}: "

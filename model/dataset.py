@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from model.objectives import LABEL_PAD, Seq2Seq
+from model.objectives import Seq2Seq
 from utils.errors import UserError
 from utils.files import expand_files, open_parquet
 

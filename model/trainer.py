@@ -402,7 +402,7 @@ class ChatTrainer:
         finetune checkpoint; the state to resume from is intact and fits this run. Returns that
         state (None for a fresh run).
         """
-        cfg, acc = self.cfg, self.accelerator
+        cfg = self.cfg
         self.sources = get_sources(cfg.train_file)
         self.train_files = [f for src in self.sources for f in src.files]
         self.objective = get_objective(cfg)

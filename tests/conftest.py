@@ -135,3 +135,39 @@ def cli(capsys, *argv):
         code = stop.code
     out = capsys.readouterr()
     return Result(code, out.out, out.err)
+
+
+def train(flags, trainer_class=None):
+    """One in-process run of `train` with these flags (a fresh Accelerate state); the trainer."""
+    from accelerate.state import AcceleratorState, GradientState
+
+    from config import load_config
+    from model.trainer import ChatTrainer
+    AcceleratorState._reset_state(True)
+    GradientState._reset_state()
+    trainer = (trainer_class or ChatTrainer)(load_config(**flags))
+    trainer.train()
+    return trainer
+
+
+def stop_at_class():
+    """A trainer that receives SIGTERM at a chosen moment, as a scheduler would send it: during
+    optimizer step `step` (the run stops after it), or while the final evaluation runs."""
+    import signal
+
+    from model.trainer import ChatTrainer
+
+    class StopAt(ChatTrainer):
+        step, in_final_saves = None, False
+
+        def maybe_log(self):
+            super().maybe_log()
+            if self.step is not None and self.progress.step == self.step - 1:
+                self.stop.signum = signal.SIGTERM
+
+        def maybe_evaluate(self, end_of_epoch=False):
+            super().maybe_evaluate(end_of_epoch)
+            if self.in_final_saves and self.progress.step == self.cfg.max_steps:
+                self.stop.signum = signal.SIGTERM
+
+    return StopAt

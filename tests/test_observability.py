@@ -3,38 +3,20 @@ regression prompts, weighted sources, the validation split, the low-memory profi
 import json
 import os
 import re
-import signal
 
 import numpy as np
 import pytest
 
 from config import load_config
-from conftest import ROOT, as_args, cli, demo_rows, run_cli, tiny_flags, write_rows
+from conftest import as_args, cli, demo_rows, run_cli, stop_at_class, tiny_flags, train, write_rows
 from model.dataset import TrainStream, epoch_batches, get_sources, get_train_loader, held_out
 from model.regression import Check, load_checks
-from model.trainer import ChatTrainer
 from utils.errors import UserError
 from utils.logging import read_metrics
 from utils.tokenizer import load_tokenizer
 
 
-def train(flags, trainer_class=ChatTrainer) -> ChatTrainer:
-    from accelerate.state import AcceleratorState, GradientState
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    trainer = trainer_class(load_config(**flags))
-    trainer.train()
-    return trainer
-
-
-class StopAt(ChatTrainer):
-    """Receives SIGTERM during optimizer step `step`, as a scheduler would send it."""
-    step = None
-
-    def maybe_log(self):
-        super().maybe_log()
-        if self.step is not None and self.progress.step == self.step - 1:
-            self.stop.signum = signal.SIGTERM
+StopAt = stop_at_class()
 
 
 def summary(out):

@@ -5,7 +5,6 @@ import math
 import os
 import pickle
 import shutil
-import signal
 import subprocess
 import sys
 
@@ -15,8 +14,7 @@ from safetensors.torch import load_file
 
 import model.checkpoint as ckpt
 from config import load_config
-from conftest import ROOT, as_args, cli, run_cli, tiny_flags, write_rows
-from model.trainer import ChatTrainer
+from conftest import ROOT, as_args, cli, run_cli, stop_at_class, tiny_flags, train, write_rows
 from utils.errors import UserError
 from utils.logging import read_metrics
 
@@ -29,15 +27,6 @@ def fresh_accelerate_state():
     yield
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
-
-
-def train(flags, trainer_class=ChatTrainer) -> ChatTrainer:
-    from accelerate.state import AcceleratorState, GradientState
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    trainer = trainer_class(load_config(**flags))
-    trainer.train()
-    return trainer
 
 
 def weights(out_dir, name="final"):
@@ -224,20 +213,7 @@ def test_resuming_a_finished_run_writes_final_and_exits_0(one_state):
     assert trainer.progress.step == 2 and os.path.isdir(os.path.join(flags["output_dir"], "final"))
 
 
-class StopAt(ChatTrainer):
-    """Receives SIGTERM at a chosen moment, as a scheduler would send it: during optimizer step
-    `step` (the run stops after it), or while the final evaluation runs."""
-    step, in_final_saves = None, False
-
-    def maybe_log(self):
-        super().maybe_log()
-        if self.step is not None and self.progress.step == self.step - 1:
-            self.stop.signum = signal.SIGTERM
-
-    def maybe_evaluate(self, end_of_epoch=False):
-        super().maybe_evaluate(end_of_epoch)
-        if self.in_final_saves and self.progress.step == self.cfg.max_steps:
-            self.stop.signum = signal.SIGTERM
+StopAt = stop_at_class()
 
 
 @pytest.mark.parametrize("moment", ["last step", "final saves"])

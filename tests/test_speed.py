@@ -2,38 +2,21 @@
 import json
 import os
 import re
-import signal
 
 import numpy as np
 import pytest
 import torch
 
 from config import load_config
-from conftest import demo_rows, tiny_flags, write_rows
+from conftest import demo_rows, stop_at_class, tiny_flags, train, write_rows
 from model.dataset import TrainStream, get_train_loader
 from model.objectives import Seq2Seq
-from model.trainer import ChatTrainer
 from utils.errors import UserError
 from utils.logging import read_metrics
 from utils.tokenizer import load_tokenizer
 
 
-def train(flags, trainer_class=ChatTrainer) -> ChatTrainer:
-    from accelerate.state import AcceleratorState, GradientState
-    AcceleratorState._reset_state(True)
-    GradientState._reset_state()
-    trainer = trainer_class(load_config(**flags))
-    trainer.train()
-    return trainer
-
-
-class StopAt(ChatTrainer):
-    step = None
-
-    def maybe_log(self):
-        super().maybe_log()
-        if self.step is not None and self.progress.step == self.step - 1:
-            self.stop.signum = signal.SIGTERM
+StopAt = stop_at_class()
 
 
 def padded_tokens(batch):
