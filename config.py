@@ -76,7 +76,7 @@ class TrainConfig:
     dpo_label_smoothing: float = 0.0  # DPO sigmoid loss: assumed share of flipped preference labels
     dpo_rpo_alpha: float = 0.0  # DPO: plus this x the NLL of the chosen answers (TRL's rpo_alpha); 0: pure DPO
     kl_beta: float = 0.0  # seq2seq: weight of KL(policy || init_from) per response token; 0: off
-    reward: str = "exact_match"  # GRPO: exact_match, char_f1, module:function, or weighted: 'exact_match=1,char_f1=0.5'
+    reward: str = "exact_match"  # GRPO: exact_match, lcs_f1, char_bag_f1, module:function, or weighted: 'exact_match=1,lcs_f1=0.5'
     grpo_group_size: int = 8  # GRPO: completions sampled per prompt
     grpo_max_new_tokens: int = 32  # GRPO: longest completion sampled
     grpo_temperature: float = 1.0  # GRPO: sampling temperature
@@ -86,7 +86,8 @@ class TrainConfig:
     grpo_beta: float = 0.0  # GRPO: weight of the k3 KL to init_from per token; 0: no reference is loaded
     grpo_iterations: int = 1  # GRPO: optimizer updates on each batch of samples (ratio clipped from the 2nd on)
     grpo_loss_aggregation: str = "token"  # GRPO: mean over the batch's tokens (token) or per completion (sequence)
-    best_metric: str = ""  # metric that picks best/: "" = bleu4 (seq2seq), rewards/accuracy (dpo), exact_match (grpo)
+    disable_dropout: bool | str = "auto"  # dropout off in train mode; auto: for dpo, grpo and kl_beta (policy vs reference)
+    best_metric: str = ""  # metric that picks best/: "" = bleu4 (seq2seq), exact_match (dpo), reward (grpo)
     is_keep_training: bool | str = False  # resume from the latest intact state; auto: resume if there is one
     trust_pickled_state: bool = False  # resume from a state in the old pickle format (it can run code: only your own)
     overwrite: bool = False  # a fresh run may replace the states already in train_state_dir
@@ -164,7 +165,14 @@ class TrainConfig:
     @property
     def best(self) -> str:
         """The metric that picks best/."""
-        return self.best_metric or {"dpo": "rewards/accuracy", "grpo": "exact_match"}.get(self.objective, "bleu4")
+        return self.best_metric or {"dpo": "exact_match", "grpo": "reward"}.get(self.objective, "bleu4")
+
+    @property
+    def dropout_off(self) -> bool:
+        """Whether the model trains with its dropout turned off (disable_dropout, auto resolved)."""
+        if self.disable_dropout == "auto":
+            return self.objective in ("dpo", "grpo") or self.kl_beta > 0
+        return bool(self.disable_dropout)
 
 
 CHOICES = {
@@ -193,7 +201,7 @@ NON_NEGATIVE = ("max_steps", "warmup_steps", "weight_decay", "max_grad_norm", "n
 EVAL_METRICS = {"seq2seq": ("loss", "perplexity", "bleu4", "exact_match", "kl"),
                 "dpo": ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin", "bleu4",
                         "exact_match"),
-                "grpo": ("loss", "perplexity", "bleu4", "exact_match")}
+                "grpo": ("reward", "loss", "perplexity", "bleu4", "exact_match")}
 
 
 def validate(cfg: TrainConfig) -> None:
@@ -215,6 +223,8 @@ def validate(cfg: TrainConfig) -> None:
         raise UserError(f"--vocab_size must be at least 16, got {cfg.vocab_size}")
     if cfg.is_keep_training not in (True, False, "auto"):
         raise UserError(f"--is_keep_training must be True, False or auto, got {cfg.is_keep_training!r}")
+    if cfg.disable_dropout not in (True, False, "auto"):
+        raise UserError(f"--disable_dropout must be True, False or auto, got {cfg.disable_dropout!r}")
     if cfg.is_finetune and not cfg.finetune_from_ckp_file:
         raise UserError("--is_finetune=True needs --finetune_from_ckp_file=DIR_OR_FILE (a trained model)")
     if cfg.is_finetune and cfg.trainable == "lora":
@@ -242,12 +252,19 @@ def validate(cfg: TrainConfig) -> None:
             raise UserError("--grpo_iterations > 1 needs --gradient_accumulation_steps=1: each update reuses one "
                             "batch of samples; give a larger --batch_size_per_gpu instead")
         from model.rewards import parse_rewards
-        parse_rewards(cfg.reward)  # imports the user's function now, not at the first step
+        rewards = parse_rewards(cfg.reward)  # imports the user's function now, not at the first step
+        if cfg.best.startswith("reward/") and cfg.best[7:] not in [r.name for r in rewards]:
+            raise UserError(f"--best_metric={cfg.best}: --reward has no {cfg.best[7:]}; choose reward or one of "
+                            + ", ".join(f"reward/{r.name}" for r in rewards))
+        reads_response = any("response" in r.columns for r in rewards)
+        if cfg.best.split("/")[0] in ("loss", "perplexity", "bleu4", "exact_match") and not reads_response:
+            raise UserError(f"--best_metric={cfg.best} compares with a response column, which no reward reads "
+                            "here; pick best/ by --best_metric=reward")
     if cfg.trainable == "lora" and not cfg.lora_target_modules:
         raise UserError("--lora_target_modules is empty; name the layers that get adapters (e.g. q,k,v,o,wi,wo)")
     if not 0 <= cfg.lora_dropout < 1 or not 0 <= cfg.dpo_label_smoothing < 0.5:
         raise UserError("--lora_dropout must be in [0, 1) and --dpo_label_smoothing in [0, 0.5)")
-    base = cfg.best.split("/")[0] if cfg.best.startswith("exact_match/") else cfg.best
+    base = cfg.best.split("/")[0] if cfg.best.startswith(("exact_match/", "reward/")) else cfg.best
     if base not in EVAL_METRICS[cfg.objective]:
         raise UserError(f"--best_metric={cfg.best_metric!r} is not reported by --objective={cfg.objective}; "
                         f"choose one of {', '.join(EVAL_METRICS[cfg.objective])} (or exact_match/TASK)")

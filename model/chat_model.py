@@ -44,8 +44,40 @@ SEARCH_TYPES = {
 }
 
 
+def disable_dropout(model: torch.nn.Module) -> int:
+    """Turn off every dropout of `model` in train mode too; returns how many were on.
+
+    T5 drops out through `nn.Dropout` modules and through its attention's float `dropout` (TRL's
+    disable_dropout_in_model misses the latter); LoRA's `lora_dropout` is an `nn.Dropout` as well.
+    Only the modules change: the saved config keeps its `dropout_rate` for later finetuning.
+    """
+    switched = 0
+    for module in model.modules():
+        if isinstance(module, torch.nn.Dropout) and module.p:
+            module.p, switched = 0.0, switched + 1
+        elif isinstance(getattr(module, "dropout", None), float) and module.dropout:
+            module.dropout, switched = 0.0, switched + 1
+    return switched
+
+
 class TextToTextModel(T5ForConditionalGeneration):
-    """T5 with the original project's `my_generate` helper."""
+    """T5 with the original project's `my_generate` helper, and `encoder_repeats`."""
+
+    def forward(self, input_ids=None, attention_mask=None, encoder_outputs=None, encoder_repeats: int = 1,
+                **kwargs):
+        """T5's forward; with `encoder_repeats` r > 1 the decoder batch (labels, decoder inputs) has r
+        rows per encoder row, consecutive: the encoder runs once per prompt and its output is
+        repeated, instead of the prompt being repeated and encoded r times (GRPO's groups). Through
+        forward, so a DDP or FSDP wrapper sees one call."""
+        if encoder_repeats > 1:
+            if encoder_outputs is None:
+                encoder_outputs = self.encoder(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
+            hidden = encoder_outputs[0].repeat_interleave(encoder_repeats, 0)
+            encoder_outputs, input_ids = (hidden,), None
+            if attention_mask is not None:
+                attention_mask = attention_mask.repeat_interleave(encoder_repeats, 0)
+        return super().forward(input_ids=input_ids, attention_mask=attention_mask, encoder_outputs=encoder_outputs,
+                               **kwargs)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # config.json names the class other tools know (converters, serving engines map

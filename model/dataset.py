@@ -252,6 +252,14 @@ def encode(tokenizer, texts: list[str], max_seq_len: int, chunk: int = 1024) -> 
     return Ragged(np.concatenate(ids) if ids else np.zeros(0, np.int32), np.array(lengths, dtype=np.int64))
 
 
+def target_lengths(ids: dict, columns: tuple) -> np.ndarray:
+    """Per row, the length of its longest target text (columns after the first); 0 for an
+    objective whose rows are prompts alone (GRPO with a reward that reads no response)."""
+    if len(columns) < 2:
+        return np.zeros_like(ids[columns[0]].lengths)
+    return np.max([ids[c].lengths for c in columns[1:]], axis=0)
+
+
 def non_empty(*columns: list) -> np.ndarray:
     """Rows whose every text is non-null and not only whitespace."""
     return np.array([all(t and t.strip() for t in texts) for texts in zip(*columns)], dtype=bool)
@@ -468,7 +476,7 @@ class TrainStream(IterableDataset):
             release_memory()
             rng = np.random.default_rng([*key[:2], shard, k, *key[2:]])
             prompt_lens = ids[self.columns[0]].lengths
-            target_lens = np.max([ids[c].lengths for c in self.columns[1:]], axis=0)
+            target_lens = target_lengths(ids, self.columns)
             if self.group_by_length:
                 batches = length_grouped_batches(prompt_lens, target_lens, self.batch_size, rng, self.budget)
             else:
@@ -619,6 +627,8 @@ class EvalSet(Dataset):
         columns = tuple(self.objective.columns)
         files = [path] if isinstance(path, str) else list(path)
         names = set.intersection(*(set(open_parquet(f, columns).schema_arrow.names) for f in files))
+        # Besides `task`, the raw columns the objective's rewards read (GRPO evaluates with them).
+        extra = tuple(dict.fromkeys(extra + text_columns(self.objective, files)))
         extra = [c for c in extra if c in names and c not in columns]
         texts, self.extra, self.skipped = {c: [] for c in columns}, {c: [] for c in extra}, 0
         offset = 0  # global row number of the file's first row, as the training stream counts
@@ -639,7 +649,7 @@ class EvalSet(Dataset):
         self.texts = {c: v[:max_rows] for c, v in texts.items()}
         self.extra = {c: v[:max_rows] for c, v in self.extra.items()}
         self.ids = {c: encode(tokenizer, v, max_seq_len) for c, v in self.texts.items()}
-        target_lens = np.max([self.ids[c].lengths for c in columns[1:]], axis=0)
+        target_lens = target_lengths(self.ids, columns)
         self.order = np.lexsort((target_lens, self.ids[columns[0]].lengths)).tolist()  # shortest first
 
     @property
@@ -647,9 +657,10 @@ class EvalSet(Dataset):
         return self.texts[self.objective.columns[0]]
 
     @property
-    def responses(self) -> list[str]:
-        """The texts greedy answers are compared with (response, or chosen for DPO)."""
-        return self.texts[self.objective.target]
+    def responses(self) -> list[str] | None:
+        """The texts greedy answers are compared with (response, or chosen for DPO); None when the
+        objective has none (GRPO on prompts alone)."""
+        return self.texts[self.objective.target] if self.objective.target else None
 
     def __len__(self) -> int:
         return len(self.order)

@@ -1,9 +1,10 @@
 """Evaluation: the objective's metrics plus greedy answers scored against the target column.
 
 Every objective reports its own numbers (seq2seq: loss and perplexity; DPO: loss and the
-rewards) and, for all of them, corpus BLEU-4 and exact match of batched greedy answers against
-the target (`response`, or `chosen` for DPO), overall and per `task` when the file has one.
-The best model is chosen by one of these, named by `best_metric`.
+rewards; GRPO: the reward of its greedy answers) and, where it has a target (`response`, or
+`chosen` for DPO), corpus BLEU-4 and exact match of batched greedy answers against it, overall
+and per `task` when the file has one. The best model is chosen by one of these, named by
+`best_metric`.
 """
 import numpy as np
 import torch
@@ -34,7 +35,7 @@ def evaluate(model, loader, accelerator, tokenizer, max_new_tokens: int, referen
     dataset: EvalSet = loader.dataset
     objective = dataset.objective
     model.eval()
-    generator = accelerator.unwrap_model(model)
+    generator = accelerator.unwrap_model(model, keep_torch_compile=False)
     sums, predictions, indices = {}, [], []
     for batch in loader:
         index = batch.pop("index")
@@ -50,11 +51,14 @@ def evaluate(model, loader, accelerator, tokenizer, max_new_tokens: int, referen
     metrics = objective.eval_metrics({k: torch.cat(v) for k, v in sums.items()})
     hyps = [h for p in predictions for h in tokenizer.batch_decode(p, skip_special_tokens=True)]
     rows = [i for ix in indices for i in ix.tolist()]
-    refs = [dataset.responses[i] for i in rows]
-    groups = [dataset.extra["task"][i] for i in rows] if "task" in dataset.extra else None
-    metrics["bleu4"] = bleu4(refs, hyps)
-    for name, (right, total) in exact_match_by_group(refs, hyps, groups).items():
-        metrics["exact_match" if name == "all" else f"exact_match/{name}"] = right / max(1, total)
+    columns = {c: [values[i] for i in rows] for c, values in {**dataset.texts, **dataset.extra}.items()}
+    metrics.update(objective.answer_metrics(columns.pop(objective.columns[0]), hyps, columns))
+    refs = [dataset.responses[i] for i in rows] if dataset.responses is not None else None
+    if refs is not None:
+        groups = [dataset.extra["task"][i] for i in rows] if "task" in dataset.extra else None
+        metrics["bleu4"] = bleu4(refs, hyps)
+        for name, (right, total) in exact_match_by_group(refs, hyps, groups).items():
+            metrics["exact_match" if name == "all" else f"exact_match/{name}"] = right / max(1, total)
     return {"metrics": metrics, "hypotheses": hyps, "references": refs, "rows": rows}
 
 
@@ -70,12 +74,14 @@ def score_file(model, accelerator, tokenizer, path: str, batch_size: int, max_se
 
 
 def print_report(result: dict, dataset: EvalSet, samples: int, logger):
-    rows, metrics = result["rows"], result["metrics"]
-    groups = [dataset.extra["task"][i] for i in rows] if "task" in dataset.extra else None
-    scores = exact_match_by_group(result["references"], result["hypotheses"], groups)
+    rows, metrics, refs = result["rows"], result["metrics"], result["references"]
     shown = " ".join(f"{k} {v:.4f}" for k, v in metrics.items() if not k.startswith("exact_match"))
     logger.info(f"test: {len(rows)} rows, {shown}")
-    for name, (right, total) in sorted(scores.items(), key=lambda kv: kv[0] != "all"):
-        logger.info(f"exact match {name:>10}: {right / total:7.2%} ({right}/{total})")
+    if refs is not None:
+        groups = [dataset.extra["task"][i] for i in rows] if "task" in dataset.extra else None
+        scores = exact_match_by_group(refs, result["hypotheses"], groups)
+        for name, (right, total) in sorted(scores.items(), key=lambda kv: kv[0] != "all"):
+            logger.info(f"exact match {name:>10}: {right / total:7.2%} ({right}/{total})")
     for k in sorted(np.random.default_rng(0).choice(len(rows), size=min(samples, len(rows)), replace=False)):
-        logger.info(f"  {dataset.prompts[rows[k]]} -> {result['hypotheses'][k]}  (expected {result['references'][k]})")
+        expected = f"  (expected {refs[k]})" if refs is not None else ""
+        logger.info(f"  {dataset.prompts[rows[k]]} -> {result['hypotheses'][k]}{expected}")

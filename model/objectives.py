@@ -83,6 +83,9 @@ class Seq2Seq:
     def __init__(self, kl_beta: float = 0.0):
         self.kl_beta = kl_beta
         self.needs_reference = kl_beta > 0
+        # Runs its policy against a reference: dropout would be noise in the difference
+        # (the trainer turns it off unless --disable_dropout=False).
+        self.dropout_free = kl_beta > 0
         self.metric_names = ("loss", "ce", "kl") if kl_beta > 0 else ("loss",)
 
     def collate(self, rows: dict) -> dict:
@@ -128,6 +131,10 @@ class Seq2Seq:
             rows["kl_sum"] = ((logp.exp() * (logp - logq)).sum(-1) * mask).sum(1)
         return rows
 
+    def answer_metrics(self, prompts: list[str], answers: list[str], columns: dict) -> dict:
+        """Metrics of the greedy answers beyond BLEU and exact match (GRPO's reward): none."""
+        return {}
+
     def eval_metrics(self, sums: dict) -> dict:
         import math
         loss = float(sums["loss_sum"].sum()) / max(1.0, float(sums["tokens"].sum()))
@@ -142,8 +149,11 @@ class DPO:
     updates_per_batch = 1
     columns = ("prompt", "chosen", "rejected")
     target = "chosen"
-    default_best_metric = "rewards/accuracy"
+    # rewards/accuracy saturates at 1.0 long before the answers are good (pure DPO reaches 100%
+    # with 0% exact match): best/ follows the greedy answers against chosen instead.
+    default_best_metric = "exact_match"
     needs_reference = True
+    dropout_free = True
     pad_multiple = 1
     metric_names = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin")
 
@@ -220,18 +230,26 @@ class DPO:
     def eval_metrics(self, sums: dict) -> dict:
         return {k: float(v.mean()) if len(v) else 0.0 for k, v in sums.items()}
 
+    def answer_metrics(self, prompts: list[str], answers: list[str], columns: dict) -> dict:
+        return {}
+
 
 class GRPO(Seq2Seq):
     """Samples `group_size` completions per prompt, rewards them, and pushes up the log-probability
     of those better than their group's mean (a clipped ratio objective, as PPO's), optionally
     held to the reference by the k3 estimator of KL(policy || reference).
 
-    Evaluation is Seq2Seq's (loss on `response`, greedy answers against it): exact match is what
-    the built-in rewards train for. Sampling uses the process's torch RNG, which the train
-    state saves, so a resumed run samples what the uninterrupted one would have.
+    Evaluation scores the greedy answers to the held-out prompts with the rewards it trains on
+    (`reward`, and `reward/NAME` for each of a weighted sum), which picks best/ by default; where
+    the rows have a `response` (a reward reads it), also Seq2Seq's loss and exact match against it.
+    Sampling uses the process's torch RNG, which the train state saves, so a resumed run samples
+    what the uninterrupted one would have.
     """
     name = "grpo"
-    default_best_metric = "exact_match"
+    default_best_metric = "reward"
+    # Sampling runs in eval mode and scoring in train mode: with dropout they would be two
+    # different policies, and the ratio of the first update would not be 1.
+    dropout_free = True
 
     def loss_units(self, batch: dict) -> int:
         """Prompts: the loss is a mean within the batch's samples, and batches weigh by prompts."""
@@ -241,6 +259,7 @@ class GRPO(Seq2Seq):
                  top_p: float = 1.0, clip_eps: float = 0.2, clip_eps_high: float = 0.0, beta: float = 0.0,
                  loss_aggregation: str = "token", iterations: int = 1):
         super().__init__(0.0)
+        self.dropout_free = True
         # grpo_iterations: updates on each batch of samples (the loop repeats the batch; the
         # samples are kept in it, under "rollout").
         self.updates_per_batch = iterations
@@ -253,11 +272,35 @@ class GRPO(Seq2Seq):
         # Raw text the rewards read travels with each batch (batch["texts"]); "*": every column.
         wanted = {"prompt"} | {c for r in rewards for c in r.columns}
         self.text_columns = tuple(sorted(wanted)) + (("*",) if any(r.all_columns for r in rewards) else ())
+        # `response` is needed only when a reward reads it; then it is also what evaluation's loss
+        # and exact match compare with.
+        self.columns = ("prompt", "response") if "response" in wanted else ("prompt",)
+        self.target = "response" if "response" in wanted else None
         self.metric_names = (("loss", "reward", "reward_std", "zero_std_groups", "completion_length", "clip_fraction")
                              + (("kl",) if beta else ())
                              + (tuple(f"reward/{r.name}" for r in rewards) if len(rewards) > 1 else ())
                              + ("sample_seconds", "train_seconds", "sampled_tokens_per_s"))
         self._last_call = None  # when the previous micro-step's sampling ended
+
+    def collate(self, rows: dict) -> dict:
+        return super().collate(rows) if "response" in rows else encoder_inputs(rows["prompt"], self.pad_multiple)
+
+    def count_tokens(self, batch: dict) -> int:
+        return int(batch["attention_mask"].sum()) + (int((batch["labels"] != LABEL_PAD).sum())
+                                                     if "labels" in batch else 0)
+
+    @torch.no_grad()
+    def eval_rows(self, model, batch: dict, reference: Reference | None) -> dict:
+        return super().eval_rows(model, batch, reference) if "labels" in batch else {}
+
+    def eval_metrics(self, sums: dict) -> dict:
+        return super().eval_metrics(sums) if "loss_sum" in sums else {}
+
+    def answer_metrics(self, prompts: list[str], answers: list[str], columns: dict) -> dict:
+        """The rewards of the greedy answers: `reward` (the weighted sum), and each reward's mean."""
+        total, means = self.score_texts(prompts, answers, columns)
+        return {"reward": float(total.mean()) if len(total) else 0.0,
+                **({k: float(v) for k, v in means.items()} if len(self.rewards) > 1 else {})}
 
     # ---- the formulas, on tensors (tested against a direct implementation) -------------
     def advantages(self, rewards: torch.Tensor) -> torch.Tensor:
@@ -323,11 +366,18 @@ class GRPO(Seq2Seq):
         columns = {c: [v for v in values for _ in range(g)] for c, values in texts.items()}
         prompts = columns.pop("prompt", [""] * n * g)
         completions = self.tokenizer.batch_decode(labels.clamp(min=0), skip_special_tokens=True)
-        total = torch.zeros(n * g)
+        total, means = self.score_texts(prompts, completions, columns)
+        return total.float(), means
+
+    def score_texts(self, prompts: list[str], completions: list[str], columns: dict) -> tuple[torch.Tensor, dict]:
+        """(len(completions),) weighted sums of the rewards, and each reward's mean; `columns` holds
+        one value per completion of every column a reward reads."""
+        total = torch.zeros(len(completions), dtype=torch.float64)
         means = {}
         for reward in self.rewards:
-            wanted = columns if reward.all_columns else {c: columns.get(c, [""] * n * g) for c in reward.columns}
-            values = torch.tensor(reward(prompts, completions, wanted))
+            wanted = columns if reward.all_columns else \
+                {c: columns.get(c, [""] * len(completions)) for c in reward.columns}
+            values = torch.tensor(reward(prompts, completions, wanted), dtype=torch.float64)
             total += reward.weight * values
             means[f"reward/{reward.name}"] = values.mean()
         return total, means
@@ -355,8 +405,9 @@ class GRPO(Seq2Seq):
         train_seconds = rollout["train_seconds"] / self.updates_per_batch
         reward_means = rollout["reward_means"]
         g = self.group_size
-        inputs = {"input_ids": batch["input_ids"].repeat_interleave(g, 0),
-                  "attention_mask": batch["attention_mask"].repeat_interleave(g, 0), "labels": labels}
+        # One encoder pass per prompt, its output repeated for the prompt's G completions.
+        inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": labels,
+                  "encoder_repeats": g}
         # Log-probabilities of the distribution sampled from: the logits over the temperature (as TRL).
         logps = self.token_logps(model(**inputs).logits / self.temperature, labels)
         if first:

@@ -1,14 +1,17 @@
 """Rewards for GRPO: built-in ones and the user's own functions, combined with weights.
 
-    --reward=exact_match                           # 1 if the answer equals `response` (stripped)
-    --reward=char_f1                               # character-level F1 against `response`
-    --reward='exact_match=1.0,char_f1=0.5'         # a weighted sum
+    --reward=exact_match                           # 1 if the answer equals `response` (normalised)
+    --reward=lcs_f1                                # F1 of the longest common character subsequence
+    --reward='exact_match=1.0,lcs_f1=0.5'          # a weighted sum
     --reward=my_rewards:brevity                    # my_rewards.py (importable from the working directory)
 
 A reward function is called with keyword lists of one entry per completion: `prompts`,
 `completions`, and the row's other columns it names as parameters (`response`, `task`, ...;
 a `**kwargs` parameter receives every string column of the file). It returns one float per
 completion.
+
+Built-in rewards compare texts as evaluation does (`utils.metrics.normalise`: NFKC, whitespace of
+every kind removed), so an answer evaluation counts as a match earns the full reward.
 """
 import importlib
 import inspect
@@ -19,17 +22,46 @@ from collections import Counter
 from collections.abc import Callable
 
 from utils.errors import UserError
+from utils.metrics import normalise
 
 
 def exact_match(prompts: list[str], completions: list[str], response: list[str], **_) -> list[float]:
-    return [float(c.strip() == r.strip()) for c, r in zip(completions, response)]
+    return [float(normalise(c) == normalise(r)) for c, r in zip(completions, response)]
 
 
-def char_f1(prompts: list[str], completions: list[str], response: list[str], **_) -> list[float]:
-    """F1 of the characters (as multisets, whitespace ignored): partial credit for near answers."""
+def lcs_length(a: str, b: str) -> int:
+    """Length of the longest common subsequence of two strings (O(len(a) x len(b)), one row kept)."""
+    if len(a) < len(b):
+        a, b = b, a
+    row = [0] * (len(b) + 1)
+    for ca in a:
+        diagonal = 0  # row[j - 1] of the previous row
+        for j, cb in enumerate(b, 1):
+            diagonal, row[j] = row[j], diagonal + 1 if ca == cb else max(row[j], row[j - 1])
+    return row[-1]
+
+
+def lcs_f1(prompts: list[str], completions: list[str], response: list[str], **_) -> list[float]:
+    """F1 of the longest common subsequence of characters (as Chinese reading-comprehension
+    evaluations score partial answers): order counts, so an anagram scores below 1."""
     scores = []
     for completion, reference in zip(completions, response):
-        a, b = Counter(completion.replace(" ", "").strip()), Counter(reference.replace(" ", "").strip())
+        a, b = normalise(completion), normalise(reference)
+        common = lcs_length(a, b) if a and b else 0
+        if not common:
+            scores.append(float(a == b))
+            continue
+        precision, recall = common / len(a), common / len(b)
+        scores.append(2 * precision * recall / (precision + recall))
+    return scores
+
+
+def char_bag_f1(prompts: list[str], completions: list[str], response: list[str], **_) -> list[float]:
+    """F1 of the characters as multisets, order ignored: an anagram (6912 for 6219) scores 1.0.
+    Kept under this name for runs that want it; `lcs_f1` is the partial credit to train on."""
+    scores = []
+    for completion, reference in zip(completions, response):
+        a, b = Counter(normalise(completion)), Counter(normalise(reference))
         common = sum((a & b).values())
         if not a or not b or not common:
             scores.append(float(a == b))
@@ -39,7 +71,10 @@ def char_f1(prompts: list[str], completions: list[str], response: list[str], **_
     return scores
 
 
-BUILTIN = {"exact_match": exact_match, "char_f1": char_f1}
+BUILTIN = {"exact_match": exact_match, "lcs_f1": lcs_f1, "char_bag_f1": char_bag_f1}
+# Names that were built-ins, and what a run that named one should use now.
+RENAMED = {"char_f1": "char_f1 compared bags of characters (an anagram scored 1.0) and is gone: use lcs_f1 "
+                      "(order-aware partial credit) or char_bag_f1 (the old behaviour)"}
 FIXED = ("prompts", "completions")
 
 
@@ -68,6 +103,8 @@ class Reward:
 def load_function(name: str) -> Callable:
     if name in BUILTIN:
         return BUILTIN[name]
+    if name in RENAMED:
+        raise UserError(f"--reward={name}: {RENAMED[name]}")
     module_name, _, attr = name.partition(":")
     if not attr:
         raise UserError(f"--reward={name} is neither a built-in reward ({', '.join(BUILTIN)}) nor "

@@ -31,7 +31,7 @@ from transformers.optimization import Adafactor
 
 import model.checkpoint as ckpt
 from config import T5ModelConfig, TrainConfig
-from model.chat_model import TextToTextModel, get_generation_config, get_t5_config
+from model.chat_model import TextToTextModel, disable_dropout, get_generation_config, get_t5_config
 from model.dataset import (EvalSet, TrainStream, describe, epoch_batches, get_eval_loader, get_pieces, get_sources,
                            get_train_loader, prefetch, text_columns)
 from model.evaluation import LOWER_IS_BETTER, evaluate, is_better, score_file
@@ -62,6 +62,7 @@ class TrainingProgress:
     tokens: int = 0  # non-pad tokens, prompts and responses, all processes
     rows_skipped: int = 0  # empty prompt/response rows dropped by the data stream
     best_score: float | None = None  # best_metric of best/
+    best_metric: str | None = None  # the metric best_score is of (None in states saved before it was kept)
     best_step: int = -1
     last_eval_step: int = -1
     rows_per_source: list[int] | None = None  # rows trained on from each weighted source
@@ -210,6 +211,23 @@ def load_start_model(path: str, cfg: TrainConfig, tokenizer) -> TextToTextModel:
     return model
 
 
+def lora_targets(model: torch.nn.Module, names: list[str]) -> list[str]:
+    """`lora_target_modules` as names of this model's linear layers. `wi` also means the gated
+    feed-forward's `wi_0` and `wi_1` (T5 v1.1, FLAN-T5); a name matching no linear layer is an
+    error naming those there are, instead of fewer layers adapted than asked."""
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    targets = []
+    for name in names:
+        if name in linear:
+            targets.append(name)
+        elif name == "wi" and {"wi_0", "wi_1"} <= set(linear):
+            targets += ["wi_0", "wi_1"]
+        else:
+            raise UserError(f"--lora_target_modules: {name!r} matches no linear layer of this model; "
+                            f"its linear layers are {', '.join(linear)}")
+    return list(dict.fromkeys(targets))
+
+
 def check_settings(state: str, saved: dict, now: dict) -> None:
     """The settings of this run that a resume from `state` cannot change, checked against it."""
     if "model" in now and saved.get("model") != now["model"]:
@@ -315,9 +333,42 @@ class Meters:
         return {k: float(v) / max(1.0, self.batches) for k, v in zip(self.names, self.values)}
 
 
+class Hooks:
+    """What tests, benchmarks and users extend a run with, instead of subclassing the loop. Each
+    method is called with the trainer; these defaults do nothing. Pass objects with any of them
+    as `ChatTrainer(cfg, hooks=[...])`; the loop calls each one's, in order.
+
+    - `on_loss(trainer, batch, loss, values)`: after an objective's loss of a micro-batch, before
+      its backward (`batch` on the device, `values` the objective's metrics, on the device too).
+    - `on_step_end(trainer)`: after each optimizer step, its log line and any evaluation.
+    """
+
+    def on_loss(self, trainer, batch: dict, loss: torch.Tensor, values: dict) -> None:
+        pass
+
+    def on_step_end(self, trainer) -> None:
+        pass
+
+
 class ChatTrainer:
-    def __init__(self, cfg: TrainConfig):
+    def __init__(self, cfg: TrainConfig, hooks=()):
         self.cfg = cfg
+        self.hooks = list(hooks)
+
+    def call_hooks(self, name: str, *args) -> None:
+        for hook in self.hooks:
+            method = getattr(hook, name, None)
+            if method is not None:
+                method(self, *args)
+
+    def request_stop(self) -> None:
+        """Stop after this optimizer step (and its train state), as SIGTERM would."""
+        self.stop.signum = signal.SIGTERM
+
+    def unwrapped(self):
+        """The model being trained without its DDP and compile wrappers (its parameters are the
+        same tensors): what is saved and loaded, under plain parameter names."""
+        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
 
     # ---- build -------------------------------------------------------------------------
     def build(self):
@@ -380,6 +431,10 @@ class ChatTrainer:
         # There is no scheduler object: the lr is a function of the step, set before each update,
         # so a resume with another learn_rate or max_steps follows the new schedule at once.
         self.model, self.optimizer, self.eval_loader = acc.prepare(self.model, self.optimizer, eval_loader)
+        if self.reference is not None and self.reference.model is not None:
+            # The frozen copy runs under the policy's precision (autocast), or at identical
+            # weights their log-ratio would not be 0; evaluation_mode: no DDP wrapper (as TRL).
+            self.reference.model = acc.prepare_model(self.reference.model, evaluation_mode=True)
         self.progress = TrainingProgress()
         self.meters = Meters(acc.device, self.objective.metric_names, len(self.sources))
         self.bad_steps, self.unconfirmed = 0, []
@@ -413,6 +468,7 @@ class ChatTrainer:
         for what in ("validation_file", "test_file"):
             if getattr(cfg, what):
                 check_data_file(getattr(cfg, what), columns, what=what)
+                text_columns(self.objective, [getattr(cfg, what)])  # evaluation's rewards read them too
         self.checks = load_checks(cfg.regression_file) if cfg.regression_file else []
         pieces = get_pieces(self.train_files, self.sources)
         # With a token budget the rows per batch depend on the lengths: until the tokenizer can
@@ -530,7 +586,7 @@ class ChatTrainer:
         elif cfg.trains == "lora":
             model = get_peft_model(model, LoraConfig(
                 r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="SEQ_2_SEQ_LM",
-                target_modules=list(cfg.lora_target_modules)))
+                target_modules=lora_targets(model, cfg.lora_target_modules)))
         return model
 
     def get_model(self):
@@ -557,10 +613,16 @@ class ChatTrainer:
             if cfg.trains == "lora":
                 model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
         model = self.set_trainable(model)
+        if cfg.dropout_off:
+            # Against a reference, or sampled in eval mode and scored in train mode, dropout is
+            # noise in the very difference being trained (TRL's disable_dropout, on by default).
+            switched = disable_dropout(model)
+            if switched:
+                self.logger.info(f"dropout off in {switched} modules (--disable_dropout={cfg.disable_dropout})")
         reference = None
         if self.objective.needs_reference:
             reference = Reference(model=frozen) if frozen is not None else \
-                Reference(policy=lambda: acc.unwrap_model(self.model))
+                Reference(policy=self.unwrapped)
         trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
         total = sum(p.numel() for p in model.parameters())
         shape = model.config
@@ -665,6 +727,11 @@ class ChatTrainer:
             self.load_state(path)
         self.logger.info(f"resumed from {path}: epoch {self.progress.epoch}, step {self.progress.step}, "
                          f"{self.progress.micro_step} batches done")
+        progress = self.progress
+        if progress.best_metric not in (None, self.cfg.best) and progress.best_score is not None:
+            self.logger.warning(f"best/ was chosen by {progress.best_metric}, this run chooses by {self.cfg.best}: "
+                                "the next evaluation sets a new best/")
+            progress.best_score, progress.best_step, progress.evals_without_improvement = None, -1, 0
 
     def load_state(self, path: str):
         acc = self.accelerator
@@ -684,7 +751,7 @@ class ChatTrainer:
                 raise
             raise UserError(f"{path}/{ckpt.STATE_JSON} is not a chatlm train state ({err!r}); resume from "
                             "another state or start over") from None
-        ckpt.load_model_weights(acc.unwrap_model(self.model), os.path.join(path, ckpt.MODEL_FILE))
+        ckpt.load_model_weights(self.unwrapped(), os.path.join(path, ckpt.MODEL_FILE))
         ckpt.load_optimizer(self.optimizer, os.path.join(path, ckpt.OPTIMIZER_FILE), acc.device)
         ckpt.load_rng(os.path.join(path, ckpt.rng_file(acc.process_index)))
         self.apply_optimizer_settings()
@@ -750,7 +817,7 @@ class ChatTrainer:
         self.fail_together(error, final, tmp)
         try:
             if acc.is_main_process:
-                ckpt.save_model_weights(acc.unwrap_model(self.model), os.path.join(tmp, ckpt.MODEL_FILE))
+                ckpt.save_model_weights(self.unwrapped(), os.path.join(tmp, ckpt.MODEL_FILE))
                 ckpt.save_optimizer(self.optimizer, os.path.join(tmp, ckpt.OPTIMIZER_FILE))
                 ckpt.save_json({"format": ckpt.FORMAT, "step": progress.step, "progress": progress.state_dict(),
                                 "data": data, "settings": self.settings,
@@ -800,7 +867,7 @@ class ChatTrainer:
         self.on_main(self._save_model, path)
 
     def _save_model(self, path: str):
-        model = self.accelerator.unwrap_model(self.model)
+        model = self.unwrapped()
         with atomic_dir(path) as tmp:
             if isinstance(model, PeftModel):
                 # The merged model for every tool, and the adapter in peft's format beside it. The
@@ -916,6 +983,7 @@ class ChatTrainer:
                 self.step_units += all_units
                 with acc.accumulate(model):
                     loss, values = self.objective.loss(model, batch, self.reference)
+                    self.call_hooks("on_loss", batch, loss, values)
                     acc.backward(loss * weight)  # Accelerate divides by gradient_accumulation_steps: once
                     if acc.sync_gradients:
                         self.apply_update()
@@ -929,6 +997,7 @@ class ChatTrainer:
                 self.maybe_release_memory()
                 if cfg.eval_steps and progress.step % cfg.eval_steps == 0:
                     self.maybe_evaluate()
+                self.call_hooks("on_step_end")
                 if update == updates - 1 and stop_pending:
                     return True
                 if update == updates - 1 and progress.step // cfg.save_steps > saves:
@@ -1085,12 +1154,12 @@ class ChatTrainer:
             pass
         elif score is None:
             self.logger.warning(f"eval at {where}: no {cfg.best} to choose best/ by (is there a task column?)")
-        elif not math.isfinite(scores["loss"]) or not math.isfinite(score):
+        elif not math.isfinite(scores.get("loss", 0.0)) or not math.isfinite(score):
             self.logger.warning(f"eval at {where}: the validation loss is not finite; best/ is left as it is")
         else:
             self.count_for_early_stopping(score, where)
             if progress.step > 0 and is_better(cfg.best, score, progress.best_score):
-                progress.best_score, progress.best_step = score, progress.step
+                progress.best_score, progress.best_step, progress.best_metric = score, progress.step, cfg.best
                 self.save_model(os.path.join(cfg.output_dir, "best"))
                 self.logger.info(f"new best {cfg.best} {score:.4f}: model saved to "
                                  f"{os.path.join(cfg.output_dir, 'best')}")
@@ -1121,7 +1190,7 @@ class ChatTrainer:
     def check_regressions(self, where: str) -> set[str]:
         """Answer every regression prompt greedily; log the failures, and warn about each prompt
         that passed at the previous evaluation and fails now. Returns the names that passed."""
-        model = self.accelerator.unwrap_model(self.model)
+        model = self.unwrapped()
         model.eval()
         results = run_checks(model, self.tokenizer, self.checks, self.cfg.max_seq_len, self.accelerator.device)
         passed = {c.name for c, _, ok in results if ok}

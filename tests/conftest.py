@@ -106,7 +106,7 @@ def base_model(data_dir, tokenizer_dir, tmp_path_factory):
 MODES = {"seq2seq": ({}, False), "dpo": ({"objective": "dpo"}, True),
          "lora": ({"trainable": "lora", "lora_dropout": 0.0}, False),
          "lora+kl": ({"trainable": "lora", "lora_dropout": 0.0, "kl_beta": 0.1}, False),
-         "grpo": ({"objective": "grpo", "grpo_group_size": 2, "grpo_max_new_tokens": 4, "reward": "char_f1"},
+         "grpo": ({"objective": "grpo", "grpo_group_size": 2, "grpo_max_new_tokens": 4, "reward": "lcs_f1"},
                   False)}
 
 
@@ -137,17 +137,31 @@ def cli(capsys, *argv):
     return Result(code, out.out, out.err)
 
 
-def train(flags, trainer_class=None):
-    """One in-process run of `train` with these flags (a fresh Accelerate state); the trainer."""
+def train(flags, trainer_class=None, hooks=()):
+    """One in-process run of `train` with these flags (a fresh Accelerate state), extended by
+    `hooks` (see model.trainer.Hooks); the trainer."""
     from accelerate.state import AcceleratorState, GradientState
 
     from config import load_config
     from model.trainer import ChatTrainer
     AcceleratorState._reset_state(True)
     GradientState._reset_state()
-    trainer = (trainer_class or ChatTrainer)(load_config(**flags))
+    trainer = ChatTrainer(load_config(**flags), hooks=hooks) if trainer_class is None else \
+        trainer_class(load_config(**flags))
     trainer.train()
     return trainer
+
+
+class StopAt:
+    """A hook that stops the run during optimizer step `step` (as SIGTERM from a scheduler would:
+    the run saves its state after that step and exits)."""
+
+    def __init__(self, step):
+        self.step = step
+
+    def on_step_end(self, trainer):
+        if trainer.progress.step == self.step - 1:
+            trainer.request_stop()
 
 
 def stop_at_class():

@@ -11,7 +11,7 @@ import torch
 from conftest import cli, tiny_flags
 
 from model.objectives import GRPO, LABEL_PAD
-from model.rewards import char_f1, exact_match, parse_rewards
+from model.rewards import lcs_f1, exact_match, parse_rewards
 
 
 def objective(**kw):
@@ -112,10 +112,10 @@ def test_the_first_update_has_a_ratio_of_exactly_one(base_model, monkeypatch):
 
 def test_builtin_rewards():
     assert exact_match([""] * 3, [" 1050 ", "105", ""], ["1050", "1050", "1050"]) == [1.0, 0.0, 0.0]
-    f1 = char_f1([""] * 3, ["一千零五十", "一千零五", "二"], ["一千零五十", "一千零五十", "一千零五十"])
+    f1 = lcs_f1([""] * 3, ["一千零五十", "一千零五", "二"], ["一千零五十", "一千零五十", "一千零五十"])
     assert f1[0] == 1.0 and 0.8 < f1[1] < 1.0 and f1[2] == 0.0
-    combined = parse_rewards("exact_match=1,char_f1=0.5")
-    assert [(r.name, r.weight) for r in combined] == [("exact_match", 1.0), ("char_f1", 0.5)]
+    combined = parse_rewards("exact_match=1,lcs_f1=0.5")
+    assert [(r.name, r.weight) for r in combined] == [("exact_match", 1.0), ("lcs_f1", 0.5)]
 
 
 REWARDS = textwrap.dedent('''
@@ -181,7 +181,7 @@ def test_more_iterations_reuse_the_samples_and_clip_from_the_second_update(base_
     torch.manual_seed(0)
     model = TextToTextModel.from_pretrained(base_model).train()
     tokenizer = load_tokenizer(base_model)
-    grpo = GRPO(parse_rewards("char_f1"), group_size=4, max_new_tokens=5, iterations=3)
+    grpo = GRPO(parse_rewards("lcs_f1"), group_size=4, max_new_tokens=5, iterations=3)
     grpo.tokenizer = tokenizer
     assert grpo.updates_per_batch == 3
     sampled, ratios = [], []
@@ -223,7 +223,7 @@ def test_iterations_multiply_the_steps_of_an_epoch(tmp_path, data_dir, tokenizer
 def test_grpo_with_lora_keeps_to_the_adapters_disabled_model(tmp_path, data_dir, tokenizer_dir, base_model, capsys):
     flags = tiny_flags(tmp_path, data_dir, tokenizer_dir, objective="grpo", init_from=base_model,
                        validation_file="", max_steps=3, grpo_group_size=2, grpo_max_new_tokens=4, grpo_beta=0.1,
-                       trainable="lora", lora_dropout=0.0, reward="char_f1")
+                       trainable="lora", lora_dropout=0.0, reward="lcs_f1")
     result = cli(capsys, "train", *[f"--{k}={v}" for k, v in flags.items()])
     assert result.returncode == 0, result.stderr
     with open(tmp_path / "out" / "metrics.jsonl", encoding="utf-8") as f:

@@ -1,4 +1,6 @@
-"""Evaluation metrics: corpus-level BLEU-4 and exact match."""
+"""Evaluation metrics: corpus-level BLEU-4 and exact match, and the one text normaliser that
+evaluation, the GRPO rewards and `make_dpo_pairs` compare answers with."""
+import unicodedata
 from collections import defaultdict
 
 from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu
@@ -23,11 +25,14 @@ def bleu4(references: list[str], hypotheses: list[str]) -> float:
 
 
 def normalise(text: str) -> str:
-    return "".join(text.split())
+    """The form answers are compared in: NFKC (full-width letters, digits and punctuation as their
+    ASCII forms, e.g. "６" -> "6", "，" -> ","; CJK text is unchanged) with whitespace of every kind
+    removed (spaces, tabs, newlines, U+3000)."""
+    return "".join(unicodedata.normalize("NFKC", text).split())
 
 
 def exact_match_by_group(references: list[str], hypotheses: list[str], groups: list[str] | None = None) -> dict:
-    """{group: (correct, total)} plus "all"; answers compare with whitespace removed."""
+    """{group: (correct, total)} plus "all"; answers compare as `normalise` leaves them."""
     counts = defaultdict(lambda: [0, 0])
     for i, (ref, hyp) in enumerate(zip(references, hypotheses)):
         for key in ("all", groups[i]) if groups else ("all",):
