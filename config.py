@@ -61,7 +61,7 @@ class TrainConfig:
     max_seq_len: int = 256  # tokens per text, [EOS] included; longer texts are truncated
 
     # Model and modes: an objective, where to start, what trains.
-    model_size: str = "small"  # a preset of T5ModelConfig: tiny or small
+    model_size: str = ""  # a preset of T5ModelConfig, tiny or small; "": small, or the shape of init_from
     objective: str = "seq2seq"  # seq2seq (prompt -> response), dpo (prompt, chosen, rejected) or grpo (prompt + reward)
     init_from: str = ""  # a model directory or .safetensors to start from; the reference of dpo and kl_beta
     trainable: str = "all"  # all, decoder (shared embedding and encoder frozen) or lora (peft adapters only)
@@ -86,6 +86,7 @@ class TrainConfig:
     grpo_beta: float = 0.0  # GRPO: weight of the k3 KL to init_from per token; 0: no reference is loaded
     grpo_iterations: int = 1  # GRPO: optimizer updates on each batch of samples (ratio clipped from the 2nd on)
     grpo_loss_aggregation: str = "token"  # GRPO: mean over the batch's tokens (token) or per completion (sequence)
+    grpo_max_zero_signal_steps: int = 20  # GRPO: stop when every group had equal rewards this many steps in a row; 0: never
     disable_dropout: bool | str = "auto"  # dropout off in train mode; auto: for dpo, grpo and kl_beta (policy vs reference)
     best_metric: str = ""  # metric that picks best/: "" = bleu4 (seq2seq), exact_match (dpo), reward (grpo)
     is_keep_training: bool | str = False  # resume from the latest intact state; auto: resume if there is one
@@ -155,6 +156,11 @@ class TrainConfig:
         return "decoder" if self.is_finetune and self.trainable == "all" else self.trainable
 
     @property
+    def preset(self) -> str:
+        """The model_size preset a new model (or a .safetensors start) is built in."""
+        return self.model_size or "small"
+
+    @property
     def pad_multiple(self) -> int:
         """What padded lengths are rounded up to."""
         if self.pad_to_multiple_of:
@@ -183,7 +189,7 @@ CHOICES = {
     "optimizer": ("adamw", "adafactor"),
     "mixed_precision": ("auto", "no", "bf16", "fp16"),
     "log_with": ("tensorboard", "none"),
-    "model_size": tuple(MODEL_PRESETS),
+    "model_size": ("",) + tuple(MODEL_PRESETS),
     "mix_strategy": ("first_exhausted", "all_exhausted"),
     "profile": ("", "low_memory"),
     "attn_implementation": ("eager", "sdpa"),
@@ -195,7 +201,8 @@ POSITIVE = ("epochs", "batch_size_per_gpu", "gradient_accumulation_steps", "lear
             "grpo_max_new_tokens", "grpo_temperature", "grpo_iterations")
 NON_NEGATIVE = ("max_steps", "warmup_steps", "weight_decay", "max_grad_norm", "num_workers", "eval_steps",
                 "empty_cache_steps", "kl_beta", "lora_dropout", "dpo_label_smoothing", "dpo_rpo_alpha",
-                "grpo_clip_eps", "grpo_clip_eps_high", "grpo_beta", "early_stopping_patience",
+                "grpo_clip_eps", "grpo_clip_eps_high", "grpo_beta", "grpo_max_zero_signal_steps",
+                "early_stopping_patience",
                 "early_stopping_min_delta", "max_tokens_per_batch", "pad_to_multiple_of")
 # Metrics an evaluation reports, per objective (exact_match/<task> too, for a file with a task column).
 EVAL_METRICS = {"seq2seq": ("loss", "perplexity", "bleu4", "exact_match", "kl"),

@@ -43,7 +43,7 @@ def main(input: str | list[str], output: str, num_samples=None, ratio=None,  # n
          min_response_chars: int = SmartOptions.min_response_chars,
          max_response_chars: int = SmartOptions.max_response_chars,
          near_dup: bool = False, near_dup_threshold: float = SmartOptions.near_dup_threshold,
-         progress: bool = True):
+         progress: bool = True, overwrite: bool = False):
     """Sample --num_samples rows (or --ratio of the rows) of each --input into --output.
 
     Args:
@@ -63,6 +63,7 @@ def main(input: str | list[str], output: str, num_samples=None, ratio=None,  # n
         near_dup: smart mode also drops near duplicates (MinHash LSH on character 3-grams).
         near_dup_threshold: Jaccard similarity of 3-grams from which rows count as near duplicates.
         progress: show progress bars.
+        overwrite: replace an existing --output or --valid_output file.
     """
     if near_dup and not smart:
         raise UserError("--near_dup works with --smart: add --smart")
@@ -73,7 +74,7 @@ def main(input: str | list[str], output: str, num_samples=None, ratio=None,  # n
                            near_dup, near_dup_threshold) if smart else None
     report = sample_parquet(sources, str(output), valid_output=valid_output and str(valid_output),
                             valid_samples=valid_samples or 0, smart=options, seed=seed,
-                            row_group_size=row_group_size, progress=progress)
+                            row_group_size=row_group_size, progress=progress, overwrite=overwrite)
     print(report.format())
 
 

@@ -125,7 +125,7 @@ def chat(model_dir: str = "./model_save/best", prompt: str | None = None, search
 
 
 def make_dpo_pairs(model_dir: str, input: str, output: str, batch_size: int = 32,  # noqa: A002 (flag name)
-                   max_rows: int = 10**12, search_type: str = "greedy"):
+                   max_rows: int = 10**12, search_type: str = "greedy", overwrite: bool = False):
     """Write DPO pairs (prompt, chosen, rejected) from a model's own answers to prompt/response rows.
 
     chosen is the file's response, rejected what the model answers; rows where the two are
@@ -138,10 +138,11 @@ def make_dpo_pairs(model_dir: str, input: str, output: str, batch_size: int = 32
         batch_size: prompts generated together.
         max_rows: read at most this many rows.
         search_type: greedy, beam or sampling.
+        overwrite: replace an existing --output file.
     """
     from model.chat_model import SEARCH_TYPES
     from model.infer import ChatBot, make_dpo_pairs as make_pairs
-    from utils.files import check_data_file, probe_writable
+    from utils.files import check_data_file, probe_writable, refuse_to_replace
     if batch_size <= 0 or max_rows <= 0:
         raise UserError("--batch_size and --max_rows must be > 0")
     if search_type not in SEARCH_TYPES:
@@ -149,6 +150,7 @@ def make_dpo_pairs(model_dir: str, input: str, output: str, batch_size: int = 32
     if os.path.abspath(output) == os.path.abspath(input):
         raise UserError(f"--output {output} is the input; write the pairs to a new file")
     check_data_file(input, ("prompt", "response"), what="input")
+    refuse_to_replace(output, "output", overwrite)
     probe_writable(os.path.dirname(os.path.abspath(output)), "output")
     bot = ChatBot(model_dir)
     counts = make_pairs(bot, input, output, batch_size, max_rows, search_type, log=lambda _: None)
@@ -219,7 +221,8 @@ def plot(output_dir: str = TrainConfig.output_dir, metric: str = ""):
         output_dir: the output_dir of a run (finished, stopped or going).
         metric: the validation metric of the third panel; default: the run's best_metric.
     """
-    from utils.plots import plot_training
+    from utils.plots import check_plottable, plot_training
+    check_plottable(output_dir, metric or None)
     print(f"plot written to {plot_training(output_dir, metric or None)}")
 
 

@@ -102,8 +102,35 @@ class Matrix:
         self.other_tok = os.path.join(work, "other_tok")
         train_tokenizer(reversed_file, self.other_tok, vocab_size=128)
         self.final = f"{self.ref}/out/final"
+        self.alignment_files(p, r)
         self.protected = [self.ref, self.sample, self.data]
         self.results = []
+
+    def alignment_files(self, prompts, responses):
+        """DPO pairs, pairs without a preference, a module of rewards and regression files."""
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+        from conftest import as_dpo_file
+        self.pairs = as_dpo_file(self.train_file, os.path.join(self.data, "pairs.parquet"))
+        self.same_pairs = os.path.join(self.data, "same_pairs.parquet")
+        pq.write_table(pa.table({"prompt": prompts, "chosen": responses, "rejected": [f" {x} " for x in responses]}),
+                       self.same_pairs)
+        self.rewards_dir = os.path.join(self.work, "rewards")
+        os.makedirs(self.rewards_dir)
+        with open(os.path.join(self.rewards_dir, "bad_rewards.py"), "w", encoding="utf-8") as f:
+            f.write("def by_answer(prompts, completions, answer):\n    return [0.0] * len(completions)\n\n"
+                    "def broken(prompts, completions):\n    raise ValueError('no score')\n\n"
+                    "def short(prompts, completions):\n    return [1.0 / (1 + len(c)) for c in completions]\n\n"
+                    "def too_few(prompts, completions):\n    return [1.0]\n")
+        self.regression = {}
+        for name, text in (("bad match", "- {prompt: a, expect: b, match: fuzzy}\n"),
+                           ("bad regex", "- {prompt: a, expect: '[', match: regex}\n"),
+                           ("duplicate names", "- {name: x, prompt: a, expect: b}\n- {name: x, prompt: c, expect: d}\n"),
+                           ("no expect", "- {prompt: a}\n"), ("not yaml", "- [a\n")):
+            path = os.path.join(self.data, f"regression_{name.replace(' ', '_')}.yaml")
+            with open(path, "w", encoding="utf-8") as f:
+                f.write(text)
+            self.regression[name] = path
 
     def args(self, **change):
         return [f"--{k}={v}" for k, v in {**self.flags, **change}.items()]
@@ -285,9 +312,138 @@ class Matrix:
             ("low_mem: typo'd flag", lambda: c("low_mem: typo'd flag", "train_low_mem.py", "train", *a(),
                                                "--lern_rate=1")),
         ]
+        entries += self.alignment_cases(fresh) + self.other_new_cases(fresh)
         for name, fn in entries:
             if only in name:
                 fn()
+
+    def alignment_cases(self, fresh):
+        """DPO, GRPO and LoRA mistakes; every one is an error before training, or one line at the
+        first step it shows."""
+        t, a, final, work = "train.py", self.args, self.final, self.work
+        dpo = {"objective": "dpo", "init_from": final, "train_file": self.pairs, "validation_file": "", **fresh}
+        grpo = {"objective": "grpo", "init_from": final, "validation_file": "", "grpo_group_size": 2,
+                "grpo_max_new_tokens": 3, **fresh}
+        lora = {"trainable": "lora", "init_from": final, "validation_file": "", **fresh}
+        rewards_env = {"PYTHONPATH": self.rewards_dir}
+        cases = [
+            ("dpo: without init_from", {**dpo, "init_from": ""}, None, "--init_from"),
+            ("dpo: a prompt/response file", {**dpo, "train_file": self.train_file}, None, "chosen, rejected"),
+            ("dpo: chosen equals rejected in every row", {**dpo, "train_file": self.same_pairs}, None,
+             "chosen equals rejected"),
+            ("dpo: validation file of prompt/response rows", {**dpo, "validation_file": self.valid_file}, None,
+             "chosen"),
+            ("dpo: unknown dpo_loss", {**dpo, "dpo_loss": "kto"}, None, "dpo_loss"),
+            ("dpo: label smoothing 0.5", {**dpo, "dpo_label_smoothing": 0.5}, None, "dpo_label_smoothing"),
+            ("dpo: kl_beta with dpo", {**dpo, "kl_beta": 0.1}, None, "--kl_beta"),
+            ("dpo: a best_metric it does not report", {**dpo, "best_metric": "bleu5"}, None, "best_metric"),
+            ("grpo: without init_from", {**grpo, "init_from": ""}, None, "--init_from"),
+            ("grpo: group of 1", {**grpo, "grpo_group_size": 1}, None, "grpo_group_size"),
+            ("grpo: top_p 0", {**grpo, "grpo_top_p": 0}, None, "grpo_top_p"),
+            ("grpo: unknown reward", {**grpo, "reward": "exact"}, None, "neither a built-in"),
+            ("grpo: the old char_f1", {**grpo, "reward": "char_f1"}, None, "lcs_f1"),
+            ("grpo: reward weight not a number", {**grpo, "reward": "exact_match=heavy"}, None, "not a number"),
+            ("grpo: reward module missing", {**grpo, "reward": "no_such_module:f"}, None, "cannot import"),
+            ("grpo: reward function missing", {**grpo, "reward": "bad_rewards:nothing"}, rewards_env,
+             "has no function"),
+            ("grpo: reward reads a missing column", {**grpo, "reward": "bad_rewards:by_answer"}, rewards_env,
+             "no column answer"),
+            ("grpo: reward raises", {**grpo, "reward": "bad_rewards:broken"}, rewards_env, "raised ValueError"),
+            ("grpo: reward returns too few values", {**grpo, "reward": "bad_rewards:too_few"}, rewards_env,
+             "one finite number per completion"),
+            ("grpo: best by exact match with no response read", {**grpo, "reward": "bad_rewards:short",
+                                                                 "best_metric": "exact_match"}, rewards_env,
+             "--best_metric=reward"),
+            ("grpo: best by a reward not in the sum", {**grpo, "best_metric": "reward/lcs_f1"}, None, "has no lcs_f1"),
+            ("grpo: iterations with accumulation", {**grpo, "grpo_iterations": 2, "gradient_accumulation_steps": 2},
+             None, "--grpo_iterations"),
+            ("grpo: a reward with no signal", {**grpo, "reward": "exact_match=0", "grpo_max_zero_signal_steps": 2},
+             None, "gives no signal"),
+            ("lora: unknown target module", {**lora, "lora_target_modules": "q,wx"}, None, "matches no linear layer"),
+            ("lora: no target module", {**lora, "lora_target_modules": ","}, None, "lora_target_modules"),
+            ("lora: with is_finetune", {**lora, "init_from": "", "is_finetune": True, "finetune_from_ckp_file": final},
+             None, "LoRA"),
+            ("lora: dropout 1", {**lora, "lora_dropout": 1.0}, None, "lora_dropout"),
+            ("lora: rank 0", {**lora, "lora_r": 0}, None, "lora_r"),
+            ("dropout: disable_dropout sometimes", {**dpo, "disable_dropout": "sometimes"}, None, "disable_dropout"),
+        ]
+        return [(name, lambda name=name, flags=flags, env=env, says=says: self.case(
+            name, t, "train", *a(**flags), message=says, env=env)) for name, flags, env, says in cases]
+
+    def other_new_cases(self, fresh):
+        """make_dpo_pairs, plot, serve, weighted mixes, regression files, speed settings, launch."""
+        c, t, a, final, work = self.case, "train.py", self.args, self.final, self.work
+        pairs = [t, "make_dpo_pairs", f"--model_dir={final}", f"--input={self.train_file}"]
+        out = f"{self.ref}/out"
+        entries = [
+            ("make_dpo_pairs: output exists", lambda: c("make_dpo_pairs: output exists", *pairs,
+                                                         f"--output={self.sample}", message="--overwrite=True")),
+            ("make_dpo_pairs: output is the input", lambda: c("make_dpo_pairs: output is the input", *pairs,
+                                                               f"--output={self.train_file}", message="is the input")),
+            ("make_dpo_pairs: missing model dir", lambda: c("make_dpo_pairs: missing model dir", t, "make_dpo_pairs",
+                                                             f"--model_dir={work}/none", f"--input={self.train_file}",
+                                                             f"--output={work}/p.parquet")),
+            ("make_dpo_pairs: input without response", lambda: c("make_dpo_pairs: input without response", t,
+                                                                  "make_dpo_pairs", f"--model_dir={final}",
+                                                                  f"--input={self.pairs}", f"--output={work}/p.parquet",
+                                                                  message="response")),
+            ("make_dpo_pairs: typo'd flag", lambda: c("make_dpo_pairs: typo'd flag", *pairs,
+                                                       f"--output={work}/p.parquet", "--batchsize=3")),
+            ("sampler: output exists", lambda: c("sampler: output exists", "sample_training_data.py", "--input",
+                                                 self.train_file, "--output", self.sample, "--num_samples", 5,
+                                                 message="--overwrite=True")),
+            ("plot: no metrics.jsonl", lambda: c("plot: no metrics.jsonl", t, "plot", f"--output_dir={work}/none")),
+            ("plot: empty metrics.jsonl", lambda: self.plot_case("plot: empty metrics.jsonl", "")),
+            ("plot: garbage metrics.jsonl", lambda: self.plot_case("plot: garbage metrics.jsonl", "{half\n[1]\n")),
+            ("plot: unknown metric", lambda: c("plot: unknown metric", t, "plot", f"--output_dir={out}",
+                                               "--metric=rouge", message="can be one of")),
+            ("serve: port out of range", lambda: c("serve: port out of range", t, "serve", f"--model_dir={final}",
+                                                   "--port=70000")),
+            ("serve: remote host without a key", lambda: c("serve: remote host without a key", t, "serve",
+                                                           f"--model_dir={final}", "--host=0.0.0.0",
+                                                           message="--api_key")),
+            ("serve: missing model dir", lambda: c("serve: missing model dir", t, "serve", f"--model_dir={work}/none")),
+            ("serve: bad device", lambda: c("serve: bad device", t, "serve", f"--model_dir={final}", "--device=tpu")),
+            ("serve: zero batch", lambda: c("serve: zero batch", t, "serve", f"--model_dir={final}",
+                                            "--max_batch_size=0")),
+            ("serve: typo'd flag", lambda: c("serve: typo'd flag", t, "serve", f"--model_dir={final}", "--prot=1")),
+            ("mix: weight 0", lambda: self.yaml_case("mix: weight 0", f"train_file: {{{self.train_file}: 0}}\n")),
+            ("mix: a file in two sources", lambda: self.yaml_case(
+                "mix: a file in two sources", f"train_file: {{{self.train_file}: 1, '{self.data}/train*': 2}}\n")),
+            ("mix: unknown mix_strategy", lambda: c("mix: unknown mix_strategy", t, "train",
+                                                    *a(mix_strategy="round_robin", **fresh))),
+            ("mix: a source that matches no file", lambda: self.yaml_case(
+                "mix: a source that matches no file", f"train_file: {{{self.train_file}: 1, {work}/no*.parquet: 1}}\n")),
+            ("regression: missing file", lambda: c("regression: missing file", t, "train",
+                                                   *a(regression_file=f"{work}/none.yaml", **fresh))),
+        ]
+        for name, path in self.regression.items():
+            entries.append((f"regression: {name}", lambda name=name, path=path: c(
+                f"regression: {name}", t, "train", *a(regression_file=path, **fresh))))
+        entries += [
+            ("speed: token budget below 2 x max_seq_len", lambda: c("speed: token budget below 2 x max_seq_len", t,
+                                                                     "train", *a(max_tokens_per_batch=40, **fresh))),
+            ("speed: unknown compile backend", lambda: c("speed: unknown compile backend", t, "train",
+                                                         *a(torch_compile=True, torch_compile_backend="tvm", **fresh))),
+            ("speed: unknown attn_implementation", lambda: c("speed: unknown attn_implementation", t, "train",
+                                                             *a(attn_implementation="flash", **fresh))),
+            ("speed: negative pad_to_multiple_of", lambda: c("speed: negative pad_to_multiple_of", t, "train",
+                                                             *a(pad_to_multiple_of=-8, **fresh))),
+            ("launch: ACCELERATE_USE_DEEPSPEED on a CPU", lambda: c("launch: ACCELERATE_USE_DEEPSPEED on a CPU", t,
+                                                                     "train", *a(**fresh), message="DeepSpeed",
+                                                                     env={"ACCELERATE_USE_DEEPSPEED": "true"})),
+            ("launch: ACCELERATE_USE_FSDP on a CPU", lambda: c("launch: ACCELERATE_USE_FSDP on a CPU", t, "train",
+                                                               *a(**fresh), message="FSDP",
+                                                               env={"ACCELERATE_USE_FSDP": "true"})),
+        ]
+        return entries
+
+    def plot_case(self, name, text):
+        run_dir = os.path.join(self.work, "plot_run")
+        os.makedirs(run_dir, exist_ok=True)
+        with open(os.path.join(run_dir, "metrics.jsonl"), "w", encoding="utf-8") as f:
+            f.write(text)
+        self.case(name, "train.py", "plot", f"--output_dir={run_dir}", message="no usable line")
 
     # ---- cases that need setting up ------------------------------------------------------
     def yaml_case(self, name, text):
@@ -444,7 +600,12 @@ def main(only: str = "", keep: bool = False):
         matrix = Matrix(work)
         matrix.cases(only)
         passed = sum(ok for _, ok, _ in matrix.results)
-        print(f"\n{passed} of {len(matrix.results)} cases end as the contract says "
+        surfaces = {}
+        for name, ok, _ in matrix.results:
+            counts = surfaces.setdefault(name.split(":")[0], [0, 0])
+            counts[0], counts[1] = counts[0] + ok, counts[1] + 1
+        print("\nby surface: " + ", ".join(f"{k} {ok}/{n}" for k, (ok, n) in surfaces.items()))
+        print(f"{passed} of {len(matrix.results)} cases end as the contract says "
               "(mistakes: one `error:` line, exit 2, nothing of earlier runs changed; damaged states: named, "
               "the intact one used; no payload ran)")
         for name, ok, why in matrix.results:

@@ -38,7 +38,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
-from model.objectives import Seq2Seq
+from model.objectives import Seq2Seq, non_empty  # noqa: F401 (non_empty: also imported from here)
 from utils.errors import UserError
 from utils.files import expand_files, open_parquet
 
@@ -260,11 +260,6 @@ def target_lengths(ids: dict, columns: tuple) -> np.ndarray:
     return np.max([ids[c].lengths for c in columns[1:]], axis=0)
 
 
-def non_empty(*columns: list) -> np.ndarray:
-    """Rows whose every text is non-null and not only whitespace."""
-    return np.array([all(t and t.strip() for t in texts) for texts in zip(*columns)], dtype=bool)
-
-
 @dataclasses.dataclass(frozen=True)
 class Budget:
     """Micro-batches by padded tokens: rows x (longest prompt + targets x longest target), each
@@ -462,7 +457,7 @@ class TrainStream(IterableDataset):
         skipped = 0  # empty rows not yet reported; a resumed window's were reported before
         held = None  # each batch waits for the next, so the shard's last one can carry trailing empties
         for k, texts, rows in self.windows(shard, key, which, window):
-            usable = non_empty(*(texts[c] for c in self.columns))
+            usable = self.objective.usable_rows(texts)
             train = ~held_out(rows, self.seed, self.validation_split)
             keep = usable & train
             if not (k == window and done):
@@ -554,6 +549,14 @@ def json_tuple(value):
     return tuple(json_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
+def has_usable_row(path: str, objective) -> bool:
+    """Whether a row of `path` trains under `objective`; reads only until it finds one."""
+    for batch in open_parquet(path, objective.columns).iter_batches(batch_size=4096, columns=list(objective.columns)):
+        if objective.usable_rows({c: batch.column(c).to_pylist() for c in objective.columns}).any():
+            return True
+    return False
+
+
 def text_columns(objective, files: list[str]) -> tuple[str, ...]:
     """The raw columns `objective` wants in its batches; "*" means every column of the files.
     A column the files lack is an error now, naming what they have."""
@@ -635,7 +638,7 @@ class EvalSet(Dataset):
         for f in files:
             for batch in open_parquet(f, columns).iter_batches(batch_size=4096, columns=list(columns) + extra):
                 values = {c: batch.column(c).to_pylist() for c in columns + tuple(extra)}
-                usable = non_empty(*(values[c] for c in columns))
+                usable = self.objective.usable_rows(values)
                 chosen = held_out(np.arange(offset, offset + batch.num_rows), *split) if split else True
                 offset += batch.num_rows
                 keep = usable & chosen

@@ -17,11 +17,19 @@ The trainer and the data stream never ask which objective they run.
 """
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
+from utils.metrics import normalise
+
 LABEL_PAD = -100  # ignored by the loss
 EOS = 1  # [EOS]; [PAD] = 0 is also T5's decoder start token
+
+
+def non_empty(*columns: list) -> np.ndarray:
+    """Rows whose every text is non-null and not only whitespace."""
+    return np.array([all(t and t.strip() for t in texts) for texts in zip(*columns)], dtype=bool)
 
 
 def pad(rows: list, value: int, multiple: int = 1) -> torch.Tensor:
@@ -80,6 +88,9 @@ class Seq2Seq:
     default_best_metric = "bleu4"
     pad_multiple = 1  # padded lengths are rounded up to this (a compiled model sees few shapes)
 
+    # Why a file has no row to train on, beyond empty texts (which every objective skips).
+    no_usable_row = None
+
     def __init__(self, kl_beta: float = 0.0):
         self.kl_beta = kl_beta
         self.needs_reference = kl_beta > 0
@@ -87,6 +98,10 @@ class Seq2Seq:
         # (the trainer turns it off unless --disable_dropout=False).
         self.dropout_free = kl_beta > 0
         self.metric_names = ("loss", "ce", "kl") if kl_beta > 0 else ("loss",)
+
+    def usable_rows(self, texts: dict) -> np.ndarray:
+        """Which rows of {column: texts} train (the others are skipped and counted): no text empty."""
+        return non_empty(*(texts[c] for c in self.columns))
 
     def collate(self, rows: dict) -> dict:
         """{"prompt": [ids], "response": [ids]} -> padded encoder inputs and labels."""
@@ -135,6 +150,10 @@ class Seq2Seq:
         """Metrics of the greedy answers beyond BLEU and exact match (GRPO's reward): none."""
         return {}
 
+    def take_signal(self) -> bool | None:
+        """Whether the micro-batches since the last call gave a learning signal; None: always."""
+        return None
+
     def eval_metrics(self, sums: dict) -> dict:
         import math
         loss = float(sums["loss_sum"].sum()) / max(1.0, float(sums["tokens"].sum()))
@@ -154,6 +173,8 @@ class DPO:
     default_best_metric = "exact_match"
     needs_reference = True
     dropout_free = True
+    no_usable_row = ("in every row chosen equals rejected (whitespace and full-width forms ignored) or a text is "
+                     "empty: identical answers carry no preference; give pairs whose answers differ")
     pad_multiple = 1
     metric_names = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin")
 
@@ -166,6 +187,15 @@ class DPO:
         self.rpo_alpha = rpo_alpha
         if rpo_alpha:
             self.metric_names = DPO.metric_names + ("nll",)
+
+    def usable_rows(self, texts: dict) -> np.ndarray:
+        """Pairs with every text non-empty and answers that differ once normalised as evaluation
+        compares them: a pair of equal answers carries no preference (its loss is ln 2 and its
+        gradient 0 whatever the model does), so it is skipped and counted like an empty row."""
+        keep = non_empty(*(texts[c] for c in self.columns))
+        for i in np.flatnonzero(keep):
+            keep[i] = normalise(texts["chosen"][i]) != normalise(texts["rejected"][i])
+        return keep
 
     def collate(self, rows: dict) -> dict:
         """Prompts once; chosen (rows 0..B-1) and rejected (B..2B-1) labels stacked, one padding."""
@@ -233,6 +263,9 @@ class DPO:
     def answer_metrics(self, prompts: list[str], answers: list[str], columns: dict) -> dict:
         return {}
 
+    def take_signal(self) -> bool | None:
+        return None
+
 
 class GRPO(Seq2Seq):
     """Samples `group_size` completions per prompt, rewards them, and pushes up the log-probability
@@ -281,6 +314,7 @@ class GRPO(Seq2Seq):
                              + (tuple(f"reward/{r.name}" for r in rewards) if len(rewards) > 1 else ())
                              + ("sample_seconds", "train_seconds", "sampled_tokens_per_s"))
         self._last_call = None  # when the previous micro-step's sampling ended
+        self._signal = False  # a group with unequal rewards since take_signal (read on the host: no sync)
 
     def collate(self, rows: dict) -> dict:
         return super().collate(rows) if "response" in rows else encoder_inputs(rows["prompt"], self.pad_multiple)
@@ -295,6 +329,12 @@ class GRPO(Seq2Seq):
 
     def eval_metrics(self, sums: dict) -> dict:
         return super().eval_metrics(sums) if "loss_sum" in sums else {}
+
+    def take_signal(self) -> bool:
+        """Whether any group sampled since the last call had unequal rewards (a zero-variance group
+        has advantages and a gradient of 0)."""
+        signal, self._signal = self._signal, False
+        return signal
 
     def answer_metrics(self, prompts: list[str], answers: list[str], columns: dict) -> dict:
         """The rewards of the greedy answers: `reward` (the weighted sum), and each reward's mean."""
@@ -420,7 +460,8 @@ class GRPO(Seq2Seq):
         old, ref = rollout["old_logps"], rollout.get("ref_logps")
         mask = labels != LABEL_PAD
         loss, stats = self.policy_loss(logps, old, advantages, mask, ref)
-        grouped = rewards.view(-1, g)
+        grouped = rewards.view(-1, g)  # on the host: the rewards were computed there
+        self._signal = self._signal or bool((grouped.max(1).values != grouped.min(1).values).any())
         device = loss.device
         tokens = mask.sum()
         values = {"loss": loss.detach(), "reward": rewards.mean(), "reward_std": rewards.std(),

@@ -33,7 +33,7 @@ import model.checkpoint as ckpt
 from config import T5ModelConfig, TrainConfig
 from model.chat_model import TextToTextModel, disable_dropout, get_generation_config, get_t5_config
 from model.dataset import (EvalSet, TrainStream, describe, epoch_batches, get_eval_loader, get_pieces, get_sources,
-                           get_train_loader, prefetch, text_columns)
+                           get_train_loader, has_usable_row, prefetch, text_columns)
 from model.evaluation import LOWER_IS_BETTER, evaluate, is_better, score_file
 from model.objectives import Reference, Seq2Seq, get_objective
 from model.regression import load_checks, run_checks
@@ -68,6 +68,7 @@ class TrainingProgress:
     rows_per_source: list[int] | None = None  # rows trained on from each weighted source
     evals_without_improvement: int = 0  # early stopping's count
     early_stopped: bool = False
+    steps_without_signal: int = 0  # GRPO: optimizer steps in a row whose groups all had equal rewards
     regression_passed: list[str] | None = None  # regression prompts that passed at the last evaluation
     wall_seconds: float = 0.0  # time spent in train(), over every run of it
 
@@ -192,18 +193,18 @@ def load_start_model(path: str, cfg: TrainConfig, tokenizer) -> TextToTextModel:
             raise UserError(f"cannot load the model in {path} ({describe_error(err)}); "
                             "point --init_from at a directory written by `train`") from None
     else:
-        model = TextToTextModel(get_t5_config(T5ModelConfig.preset(cfg.model_size), vocab_size))
+        model = TextToTextModel(get_t5_config(T5ModelConfig.preset(cfg.preset), vocab_size))
         try:
             missing, unexpected = model.load_state_dict(load_file(path), strict=False)
         except RuntimeError as err:
-            raise UserError(f"{path} does not fit --model_size={cfg.model_size} with this tokenizer "
+            raise UserError(f"{path} does not fit --model_size={cfg.preset} with this tokenizer "
                             f"({str(err).splitlines()[1].strip()}); pick the model_size it was trained with") from None
         except (SafetensorError, OSError) as err:
             raise UserError(f"cannot read {path} ({describe_error(err)}); give an intact .safetensors file") from None
         missing = [k for k in missing if k not in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight",
                                                    "lm_head.weight")]
         if missing or unexpected:
-            raise UserError(f"{path} does not fit --model_size={cfg.model_size}: "
+            raise UserError(f"{path} does not fit --model_size={cfg.preset}: "
                             f"{len(missing)} missing and {len(unexpected)} unexpected tensors")
     if model.config.vocab_size < vocab_size:
         raise UserError(f"checkpoint {path} has {model.config.vocab_size} embeddings but the tokenizer has "
@@ -255,6 +256,21 @@ def check_settings(state: str, saved: dict, now: dict) -> None:
     if "rows_per_row_group" in now and saved.get("rows_per_row_group") != now["rows_per_row_group"]:
         raise UserError(f"the training data differs from the data {state} was trained on (rows per row "
                         "group changed); resume with the same --train_file, or start a new run")
+
+
+def check_engine_environment() -> None:
+    """Engines a launch asks for through the environment that this trainer does not run: refused
+    on every device type before Accelerate starts (on a CPU it would silently train DeepSpeed or
+    FSDP runs as DDP, or end in an ImportError)."""
+    from accelerate.utils import parse_flag_from_env
+    if parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
+        raise UserError("DeepSpeed is not supported: its checkpoints load with pickle (torch.load with "
+                        "weights_only=False), which a chatlm train state never does; launch with DDP "
+                        "(accelerate launch --config_file configs/accelerate/ddp.yaml)")
+    if parse_flag_from_env("ACCELERATE_USE_FSDP"):
+        raise UserError("FSDP is not supported yet: a train state holds the main process's weights and optimizer "
+                        "state, which under sharding are only its shard; launch with DDP "
+                        "(accelerate launch --config_file configs/accelerate/ddp.yaml)")
 
 
 def compiled_graphs() -> int:
@@ -373,6 +389,7 @@ class ChatTrainer:
     # ---- build -------------------------------------------------------------------------
     def build(self):
         cfg = self.cfg
+        check_engine_environment()
         self.accelerator = Accelerator(
             # Several processes on a machine without a GPU (`accelerate launch --multi_gpu` or
             # torchrun there): Accelerate needs cpu=True to join them over gloo instead of
@@ -461,13 +478,12 @@ class ChatTrainer:
         self.sources = get_sources(cfg.train_file)
         self.train_files = [f for src in self.sources for f in src.files]
         self.objective = get_objective(cfg)
-        columns = self.objective.columns
         for path in self.train_files:
-            check_data_file(path, columns, what="train_file")
+            self.check_rows(path, "train_file")
         text_columns(self.objective, self.train_files)  # what the rewards read is there
         for what in ("validation_file", "test_file"):
             if getattr(cfg, what):
-                check_data_file(getattr(cfg, what), columns, what=what)
+                self.check_rows(getattr(cfg, what), what)
                 text_columns(self.objective, [getattr(cfg, what)])  # evaluation's rewards read them too
         self.checks = load_checks(cfg.regression_file) if cfg.regression_file else []
         pieces = get_pieces(self.train_files, self.sources)
@@ -481,6 +497,8 @@ class ChatTrainer:
             warning = check_finetune_source(cfg.start_from, tokenizer, cfg.tokenizer_dir, flag)
             if warning:
                 self.logger.warning(warning)
+            if cfg.model_size and os.path.isdir(cfg.start_from):
+                self.warn_overridden_shape()
         if cfg.is_keep_training is True and tokenizer is None:
             raise UserError(f"no tokenizer in {cfg.tokenizer_dir}: a resume needs the tokenizer its state was "
                             "trained with; pass --tokenizer_dir")
@@ -488,6 +506,26 @@ class ChatTrainer:
             model = self.new_model(len(tokenizer) if tokenizer is not None else cfg.vocab_size)
         settings = self.state_settings(model.config, tokenizer, pieces) if tokenizer is not None else None
         return self.on_main(self.preflight_writes, model, settings)
+
+    def warn_overridden_shape(self) -> None:
+        """A model_size given with a checkpoint of another shape: the checkpoint's shape trains,
+        and the user is told the flag they typed was not used."""
+        cfg = self.cfg
+
+        def shape(c) -> str:
+            return (f"d_model {c.d_model}, d_ff {c.d_ff}, {c.num_heads} heads of {c.d_kv}, "
+                    f"{c.num_layers}+{c.num_decoder_layers} layers, {c.feed_forward_proj}")
+        preset, saved = T5ModelConfig.preset(cfg.model_size), T5Config.from_pretrained(cfg.start_from)
+        if shape(preset) != shape(saved):
+            self.logger.warning(f"--model_size={cfg.model_size} ({shape(preset)}) is not the shape of {cfg.start_from} "
+                                f"({shape(saved)}): training goes on in the checkpoint's shape; drop --model_size")
+
+    def check_rows(self, path: str, what: str) -> None:
+        """The file has the objective's columns and a row it trains on (not only empty rows, nor
+        DPO pairs whose answers are equal)."""
+        check_data_file(path, self.objective.columns, what=what)
+        if self.objective.no_usable_row and not has_usable_row(path, self.objective):
+            raise UserError(f"--{what} {path} has no usable row: {self.objective.no_usable_row}")
 
     def preflight_writes(self, model, settings: dict | None) -> str | None:
         cfg = self.cfg
@@ -576,7 +614,7 @@ class ChatTrainer:
         if os.path.isdir(cfg.start_from):
             config = T5Config.from_pretrained(cfg.start_from)
         else:
-            config = get_t5_config(T5ModelConfig.preset(cfg.model_size), vocab_size)
+            config = get_t5_config(T5ModelConfig.preset(cfg.preset), vocab_size)
         return self.set_trainable(TextToTextModel(config))
 
     def set_trainable(self, model: TextToTextModel):
@@ -600,7 +638,7 @@ class ChatTrainer:
             model = load_start_model(cfg.start_from, cfg, self.tokenizer)
             self.logger.info(f"starting from {cfg.start_from}")
         else:
-            model = TextToTextModel(get_t5_config(T5ModelConfig.preset(cfg.model_size), len(self.tokenizer)))
+            model = TextToTextModel(get_t5_config(T5ModelConfig.preset(cfg.preset), len(self.tokenizer)))
         model.generation_config = get_generation_config(cfg.max_seq_len)
         if cfg.attn_implementation != "eager":
             model.set_attn_implementation(cfg.attn_implementation)
@@ -997,6 +1035,7 @@ class ChatTrainer:
                 self.maybe_release_memory()
                 if cfg.eval_steps and progress.step % cfg.eval_steps == 0:
                     self.maybe_evaluate()
+                self.check_signal()
                 self.call_hooks("on_step_end")
                 if update == updates - 1 and stop_pending:
                     return True
@@ -1034,6 +1073,27 @@ class ChatTrainer:
             if self.bad_steps >= cfg.max_bad_steps:
                 self.stop_diverged(step + 1)
         self.optimizer.zero_grad(set_to_none=True)
+
+    def check_signal(self):
+        """GRPO: a reward that scores every completion of a group alike gives advantages and
+        gradients of 0. When no group of grpo_max_zero_signal_steps steps in a row (all processes)
+        told its completions apart, stop with one line instead of training on for nothing."""
+        seen = self.objective.take_signal()
+        limit, progress = self.cfg.grpo_max_zero_signal_steps, self.progress
+        if seen is None or not limit:
+            return
+        progress.steps_without_signal = 0 if self.agree(seen)[0] else progress.steps_without_signal + 1
+        if progress.steps_without_signal < limit:
+            return
+        self.metrics.log({"train/steps_without_signal": progress.steps_without_signal}, progress.step, progress.epoch,
+                         self.total_steps, meta={"stopped": "no_reward_signal"})
+        self.on_main(self.write_summary, "no_reward_signal")
+        message = (f"every group of the last {limit} steps gave its completions the same reward (--reward="
+                   f"{self.cfg.reward}): the reward gives no signal for this model and data, and training stopped at "
+                   f"step {progress.step} (the train states saved before are kept); try another --reward, a larger "
+                   "--grpo_group_size, a stronger --init_from or a higher --grpo_temperature "
+                   "(--grpo_max_zero_signal_steps=0 trains on regardless)")
+        raise (UserError if self.accelerator.is_main_process else QuietUserError)(message)
 
     def stop_diverged(self, step: int):
         """Stop with one line; states saved since the last finite step are set aside."""

@@ -477,3 +477,115 @@ def test_auto_resume_starts_fresh_then_resumes_with_the_same_command(tmp_path, d
     assert max_difference(weights(flags["output_dir"]), expected) == 0.0
     with pytest.raises(UserError, match="must be True, False or auto"):
         load_config(is_keep_training="sometimes")
+
+
+# ---- mistakes that train nothing, outputs replaced without a word ---------------------------
+
+def test_dpo_rows_whose_answers_are_equal_are_skipped_and_a_file_of_only_those_is_refused(
+        tmp_path, data_dir, tokenizer_dir, base_model, capsys):
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+    prompts = [f"把{n}写成中文数字。" for n in range(40)]
+    chosen = [str(n) for n in range(40)]
+    # every fourth pair carries no preference: the same answer, up to whitespace and full width
+    rejected = [(f" {c} " if i % 8 == 0 else c.translate(str.maketrans("0123456789", "０１２３４５６７８９")))
+                if i % 4 == 0 else c + "零" for i, c in enumerate(chosen)]
+    pq.write_table(pa.table({"prompt": prompts, "chosen": chosen, "rejected": rejected}), tmp_path / "pairs.parquet")
+    flags = tiny_flags(tmp_path, data_dir, tokenizer_dir, objective="dpo", init_from=base_model,
+                       train_file=str(tmp_path / "pairs.parquet"), validation_file="", epochs=1)
+    trainer = train(flags)
+    assert trainer.progress.samples == 30 and trainer.progress.rows_skipped == 10
+    with open(os.path.join(flags["output_dir"], "summary.json"), encoding="utf-8") as f:
+        assert json.load(f)["data"]["empty_rows_skipped"] == 10
+    pq.write_table(pa.table({"prompt": prompts, "chosen": chosen, "rejected": [f" {c}" for c in chosen]}),
+                   tmp_path / "same.parquet")
+    bad = {**flags, "train_file": str(tmp_path / "same.parquet"), "output_dir": str(tmp_path / "bad"),
+           "train_state_dir": str(tmp_path / "bad" / "state")}
+    result = cli(capsys, "train", *as_args(bad))
+    assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+    assert result.stderr.startswith("error: --train_file") and "chosen equals rejected" in result.stderr
+    assert not os.path.exists(tmp_path / "bad")
+
+
+def test_grpo_stops_when_its_reward_gives_no_signal(tmp_path, data_dir, tokenizer_dir, base_model, capsys):
+    flags = tiny_flags(tmp_path, data_dir, tokenizer_dir, objective="grpo", init_from=base_model, validation_file="",
+                       reward="exact_match=0", grpo_group_size=2, grpo_max_new_tokens=3, save_steps=2,
+                       grpo_max_zero_signal_steps=3, max_steps=20)
+    result = cli(capsys, "train", *as_args(flags))
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert result.stderr.startswith("error: every group of the last 3 steps") and result.stderr.count("\n") == 1
+    assert "--grpo_group_size" in result.stderr and "--grpo_temperature" in result.stderr
+    out = flags["output_dir"]
+    with open(os.path.join(out, "summary.json"), encoding="utf-8") as f:
+        summary = json.load(f)
+    assert summary["status"] == "no_reward_signal" and summary["steps"] == 3
+    assert read_metrics(out)[-1]["train/steps_without_signal"] == 3
+    assert [os.path.basename(p) for p in ckpt.list_states(flags["train_state_dir"])] == ["step_00000002"]
+    assert ckpt.find_resumable(flags["train_state_dir"], False, print).endswith("step_00000002")  # intact
+    # 0 turns the check off: the same run trains to its end.
+    off = {**flags, "grpo_max_zero_signal_steps": 0, "max_steps": 4, "output_dir": str(tmp_path / "off"),
+           "train_state_dir": str(tmp_path / "off" / "state")}
+    assert cli(capsys, "train", *as_args(off)).returncode == 0
+
+
+def test_commands_that_write_an_output_refuse_to_replace_it(tmp_path, data_dir, base_model, capsys):
+    source = str(data_dir / "train.parquet")
+    out = tmp_path / "pairs.parquet"
+    out.write_bytes(b"hours of pairs")
+    result = cli(capsys, "make_dpo_pairs", f"--model_dir={base_model}", f"--input={source}", f"--output={out}",
+                 "--max_rows=8")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "already exists; pass --overwrite=True" in result.stderr and out.read_bytes() == b"hours of pairs"
+    result = cli(capsys, "make_dpo_pairs", f"--model_dir={base_model}", f"--input={source}", f"--output={out}",
+                 "--max_rows=8", "--overwrite=True")
+    assert result.returncode == 0 and out.read_bytes()[:4] == b"PAR1"
+    sample = tmp_path / "sample.parquet"
+    sample.write_bytes(b"a sample")
+    for extra, code in (([], 2), (["--overwrite=True"], 0)):
+        proc = run_cli("sample_training_data.py", f"--input={source}", f"--output={sample}", "--num_samples=10",
+                       "--progress=False", *extra, check=False)
+        assert proc.returncode == code, proc.stderr
+    assert sample.read_bytes()[:4] == b"PAR1"
+    valid = tmp_path / "valid.parquet"
+    valid.write_bytes(b"kept")
+    proc = run_cli("sample_training_data.py", f"--input={source}", f"--output={tmp_path / 'new.parquet'}",
+                   "--num_samples=10", f"--valid_output={valid}", "--valid_samples=5", check=False)
+    assert proc.returncode == 2 and "--valid_output" in proc.stderr and valid.read_bytes() == b"kept"
+    assert not os.path.exists(tmp_path / "new.parquet")
+
+
+def test_plot_of_no_metrics_or_an_unknown_metric_is_one_line(tmp_path, capsys):
+    run = tmp_path / "run"
+    run.mkdir()
+    for content in ("", "not json\n{\"half\": \n", "[1, 2]\n{\"no_step\": 1}\n"):
+        (run / "metrics.jsonl").write_text(content)
+        result = cli(capsys, "plot", f"--output_dir={run}")
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert "no usable line" in result.stderr and str(run / "metrics.jsonl") in result.stderr
+        assert not os.path.exists(run / "plots")
+    (run / "metrics.jsonl").write_text(json.dumps({"step": 1, "train/loss": 2.0}) + "\n"
+                                       + json.dumps({"step": 1, "eval/loss": 1.5, "eval/bleu4": 0.1}) + "\n")
+    result = cli(capsys, "plot", f"--output_dir={run}", "--metric=exact_match")
+    assert result.returncode == 2 and result.stderr.count("\n") == 1
+    assert "has no eval/exact_match" in result.stderr and "bleu4, loss" in result.stderr
+    assert cli(capsys, "plot", f"--output_dir={run}", "--metric=bleu4").returncode == 0
+
+
+def test_a_shape_flag_the_checkpoint_overrides_is_a_warning(tmp_path, data_dir, tokenizer_dir, base_model):
+    flags = tiny_flags(tmp_path, data_dir, tokenizer_dir, init_from=base_model, validation_file="", max_steps=1)
+    flags.pop("model_size")
+    quiet = run_cli("train.py", "train", *as_args(flags))
+    assert "warning:" not in quiet.stdout + quiet.stderr  # no shape given: the checkpoint's, silently
+    loud = run_cli("train.py", "train", *as_args({**flags, "model_size": "small", "overwrite": True}))
+    lines = [line for line in (loud.stdout + loud.stderr).splitlines() if "warning: --model_size=small" in line]
+    assert len(lines) == 1 and "d_model 768" in lines[0] and "d_model 128" in lines[0], loud.stdout
+
+
+def test_deepspeed_and_fsdp_environments_are_refused_on_every_device(tmp_path, data_dir, tokenizer_dir):
+    flags = tiny_flags(tmp_path, data_dir, tokenizer_dir, max_steps=1)
+    for variable in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"):
+        proc = run_cli("train.py", "train", *as_args(flags), check=False, env={variable: "true"})
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1
+        assert "configs/accelerate/ddp.yaml" in proc.stderr
+        assert not os.path.exists(flags["output_dir"])

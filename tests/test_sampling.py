@@ -97,7 +97,7 @@ def test_random_sample_is_uniform_over_row_ids(tmp_path):
     counts = np.zeros(20, np.int64)  # buckets of 50 row ids
     for seed in range(200):
         out = str(tmp_path / "out.parquet")
-        sample_parquet([Source(path, num_samples=50)], out, seed=seed, progress=False)
+        sample_parquet([Source(path, num_samples=50)], out, seed=seed, progress=False, overwrite=True)
         counts += np.bincount(_row_ids(out) // 50, minlength=20)
     expected = 200 * 50 / 20
     chi_square = float(((counts - expected) ** 2 / expected).sum())
@@ -347,7 +347,7 @@ def test_failed_write_leaves_no_file(input_1k, tmp_path, monkeypatch):
         raise OSError("disk full")
     monkeypatch.setattr(sampling.parquet_io._Output, "write", fail)
     with pytest.raises(OSError):
-        sample_parquet([Source(input_1k, num_samples=10)], str(out), progress=False)
+        sample_parquet([Source(input_1k, num_samples=10)], str(out), progress=False, overwrite=True)
     assert out.read_bytes() == b"previous sample" and os.listdir(tmp_path) == ["out.parquet"]
 
 

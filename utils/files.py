@@ -81,6 +81,12 @@ def check_data_file(path: str, columns=TEXT_COLUMNS, what: str = "train_file") -
     return pf
 
 
+def refuse_to_replace(path: str, what: str, overwrite: bool) -> None:
+    """Every command that writes an output leaves an existing one alone unless --overwrite=True."""
+    if os.path.lexists(path) and not overwrite:
+        raise UserError(f"--{what}={path} already exists; pass --overwrite=True to replace it, or choose another path")
+
+
 def probe_writable(path: str, what: str) -> None:
     """Check that directory `path` can be created and written, leaving nothing behind."""
     if os.path.exists(path) and not os.path.isdir(path):

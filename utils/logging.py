@@ -27,6 +27,15 @@ def quiet_libraries() -> None:
     logging.getLogger("accelerate.utils.other").setLevel(logging.ERROR)
 
 
+class _Format(logging.Formatter):
+    """Time, then the message; a warning's message starts with `warning: ` (an error's is a line
+    of its own, `error: ...`, printed by the CLI)."""
+
+    def formatMessage(self, record):
+        record.prefix = "warning: " if record.levelno >= logging.WARNING else ""
+        return super().formatMessage(record)
+
+
 class _Held(logging.Handler):
     """Holds records until train.log can be opened (the output dir is checked first)."""
 
@@ -50,7 +59,7 @@ def get_logger(output_dir: str | None = None, main_process: bool = True) -> logg
     logger.handlers.clear()
     logger.propagate = False
     logger.setLevel(logging.INFO if main_process else logging.WARNING)
-    fmt = logging.Formatter("%(asctime)s %(message)s", "%Y-%m-%d %H:%M:%S")
+    fmt = _Format("%(asctime)s %(prefix)s%(message)s", "%Y-%m-%d %H:%M:%S")
     console = _TqdmHandler()
     console.setFormatter(fmt)
     logger.addHandler(console)

@@ -23,6 +23,22 @@ def read_records(output_dir: str) -> list[dict]:
     return records
 
 
+def check_plottable(output_dir: str, metric: str | None = None) -> None:
+    """What a plot of the run would show, or one UserError: no line of metrics.jsonl with a step
+    and a number, or a --metric the run never evaluated (naming those it did)."""
+    records = read_records(output_dir)
+    path = os.path.join(output_dir, "metrics.jsonl")
+    usable = [r for r in records if isinstance(r, dict) and isinstance(r.get("step"), int)
+              and any(isinstance(v, (int, float)) and k != "step" for k, v in r.items())]
+    if not usable:
+        raise UserError(f"{path} has no usable line (each should be a JSON object with a step and metrics); "
+                        "pass --output_dir= the output_dir of a run that has logged a step")
+    evaluated = sorted({k[5:] for r in usable for k in r if k.startswith("eval/")})
+    if metric and f"eval/{metric}" not in {k for r in usable for k in r}:
+        have = ", ".join(evaluated) or "none (the run never evaluated)"
+        raise UserError(f"{path} has no eval/{metric}; --metric can be one of: {have}")
+
+
 def best_metric_of(records: list[dict]) -> str | None:
     for r in reversed(records):
         if "best_metric" in r:

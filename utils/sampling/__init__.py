@@ -31,7 +31,8 @@ __all__ = ["DEFAULT_ROW_GROUP_SIZE", "SampleReport", "SmartOptions", "Source", "
 
 def sample_parquet(sources: list[Source], output: str, *, valid_output: str | None = None,
                    valid_samples: int = 0, smart: SmartOptions | None = None, seed: int = 42,
-                   row_group_size: int = DEFAULT_ROW_GROUP_SIZE, progress: bool = True) -> SampleReport:
+                   row_group_size: int = DEFAULT_ROW_GROUP_SIZE, progress: bool = True,
+                   overwrite: bool = False) -> SampleReport:
     """Sample `sources` into `output` (and a disjoint `valid_samples` rows into `valid_output`).
 
     Random mode when `smart` is None, else smart mode with those filters. Rows of
@@ -50,7 +51,7 @@ def sample_parquet(sources: list[Source], output: str, *, valid_output: str | No
         raise UserError(f"--valid_samples must be a whole number > 0, got {valid_samples!r}")
     files = [open_parquet(s.path) for s in sources]
     outputs = [p for p in (output, valid_output) if p is not None]
-    check_outputs(outputs, [s.path for s in sources])
+    check_outputs(outputs, [s.path for s in sources], overwrite)
     schema = get_output_schema(files, [s.path for s in sources])
     train_asked = [get_count(s, f.metadata.num_rows) for s, f in zip(sources, files)]
     valid_asked = split_in_proportion(int(valid_samples or 0), train_asked)

@@ -11,7 +11,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 
 from utils.errors import UserError
-from utils.files import TEXT_COLUMNS
+from utils.files import TEXT_COLUMNS, refuse_to_replace
 
 
 # 10k rows (~6 MB of Chinese text) per output row group: small enough that a
@@ -142,7 +142,7 @@ def is_whole(value) -> bool:
         isinstance(value, float) and value.is_integer())
 
 
-def check_outputs(outputs: list[str], inputs: list[str]):
+def check_outputs(outputs: list[str], inputs: list[str], overwrite: bool = False):
     real_inputs = {os.path.realpath(p) for p in inputs}
     if len({os.path.realpath(p) for p in outputs}) < len(outputs):
         raise UserError("--output and --valid_output are the same file: give two paths")
@@ -153,6 +153,8 @@ def check_outputs(outputs: list[str], inputs: list[str]):
             raise UserError(f"output {out} is also an input: write to a new path")
         if os.path.isdir(out):
             raise UserError(f"output {out} is a directory: give a file path ending in .parquet")
+    for out, flag in zip(outputs, ("output", "valid_output")):
+        refuse_to_replace(out, flag, overwrite)
 
 
 def get_output_schema(files: list[pq.ParquetFile], paths: list[str]) -> pa.Schema:
