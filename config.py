@@ -170,19 +170,20 @@ class TrainConfig:
 
     @property
     def best(self) -> str:
-        """The metric that picks best/."""
-        return self.best_metric or {"dpo": "exact_match", "grpo": "reward"}.get(self.objective, "bleu4")
+        """The metric that picks best/: best_metric, or the objective's default."""
+        from model.objectives import objective_class
+        return self.best_metric or objective_class(self.objective).default_best_metric
 
     @property
     def dropout_off(self) -> bool:
         """Whether the model trains with its dropout turned off (disable_dropout, auto resolved)."""
         if self.disable_dropout == "auto":
-            return self.objective in ("dpo", "grpo") or self.kl_beta > 0
+            from model.objectives import objective_class
+            return objective_class(self.objective).dropout_free_for(self)
         return bool(self.disable_dropout)
 
 
 CHOICES = {
-    "objective": ("seq2seq", "dpo", "grpo"),
     "grpo_loss_aggregation": ("token", "sequence"),
     "trainable": ("all", "decoder", "lora"),
     "dpo_loss": ("sigmoid", "ipo", "hinge"),
@@ -204,15 +205,13 @@ NON_NEGATIVE = ("max_steps", "warmup_steps", "weight_decay", "max_grad_norm", "n
                 "grpo_clip_eps", "grpo_clip_eps_high", "grpo_beta", "grpo_max_zero_signal_steps",
                 "early_stopping_patience",
                 "early_stopping_min_delta", "max_tokens_per_batch", "pad_to_multiple_of")
-# Metrics an evaluation reports, per objective (exact_match/<task> too, for a file with a task column).
-EVAL_METRICS = {"seq2seq": ("loss", "perplexity", "bleu4", "exact_match", "kl"),
-                "dpo": ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin", "bleu4",
-                        "exact_match"),
-                "grpo": ("reward", "loss", "perplexity", "bleu4", "exact_match")}
 
 
 def validate(cfg: TrainConfig) -> None:
-    """Reject bad values and combinations once, at start-up, saying what to change."""
+    """Reject bad values and combinations once, at start-up, saying what to change. The objective
+    checks the settings that concern it (model/objectives.py)."""
+    from model.objectives import objective_class
+    objective = objective_class(cfg.objective)
     for name, allowed in CHOICES.items():
         if getattr(cfg, name) not in allowed:
             raise UserError(f"--{name}={getattr(cfg, name)!r} is not one of {list(allowed)}")
@@ -239,42 +238,15 @@ def validate(cfg: TrainConfig) -> None:
                         "--init_from=DIR --trainable=lora instead")
     if cfg.is_finetune and cfg.init_from and cfg.init_from != cfg.finetune_from_ckp_file:
         raise UserError("give either --init_from or --is_finetune with --finetune_from_ckp_file, not both")
-    if cfg.objective == "dpo" and not cfg.start_from:
-        raise UserError("--objective=dpo needs --init_from=DIR (the model to improve, e.g. model_save/best): "
-                        "it is also the reference")
-    if cfg.kl_beta and not cfg.start_from:
-        raise UserError("--kl_beta needs --init_from=DIR: the KL is taken to the model training starts from")
-    if cfg.kl_beta and cfg.objective != "seq2seq":
-        raise UserError("--kl_beta is for --objective=seq2seq; DPO keeps to its reference through --dpo_beta")
-    if cfg.objective == "grpo":
-        if not cfg.start_from:
-            raise UserError("--objective=grpo needs --init_from=DIR (the model to improve, e.g. model_save/best): "
-                            "sampling from an untrained model earns no reward")
-        if cfg.grpo_group_size < 2:
-            raise UserError(f"--grpo_group_size must be at least 2 (advantages compare a group's completions), "
-                            f"got {cfg.grpo_group_size}")
-        if not 0 < cfg.grpo_top_p <= 1:
-            raise UserError(f"--grpo_top_p must be in (0, 1], got {cfg.grpo_top_p}")
-        if cfg.grpo_iterations > 1 and cfg.gradient_accumulation_steps > 1:
-            raise UserError("--grpo_iterations > 1 needs --gradient_accumulation_steps=1: each update reuses one "
-                            "batch of samples; give a larger --batch_size_per_gpu instead")
-        from model.rewards import parse_rewards
-        rewards = parse_rewards(cfg.reward)  # imports the user's function now, not at the first step
-        if cfg.best.startswith("reward/") and cfg.best[7:] not in [r.name for r in rewards]:
-            raise UserError(f"--best_metric={cfg.best}: --reward has no {cfg.best[7:]}; choose reward or one of "
-                            + ", ".join(f"reward/{r.name}" for r in rewards))
-        reads_response = any("response" in r.columns for r in rewards)
-        if cfg.best.split("/")[0] in ("loss", "perplexity", "bleu4", "exact_match") and not reads_response:
-            raise UserError(f"--best_metric={cfg.best} compares with a response column, which no reward reads "
-                            "here; pick best/ by --best_metric=reward")
+    objective.check_settings(cfg)
     if cfg.trainable == "lora" and not cfg.lora_target_modules:
         raise UserError("--lora_target_modules is empty; name the layers that get adapters (e.g. q,k,v,o,wi,wo)")
     if not 0 <= cfg.lora_dropout < 1 or not 0 <= cfg.dpo_label_smoothing < 0.5:
         raise UserError("--lora_dropout must be in [0, 1) and --dpo_label_smoothing in [0, 0.5)")
     base = cfg.best.split("/")[0] if cfg.best.startswith(("exact_match/", "reward/")) else cfg.best
-    if base not in EVAL_METRICS[cfg.objective]:
+    if base not in objective.eval_metric_names:
         raise UserError(f"--best_metric={cfg.best_metric!r} is not reported by --objective={cfg.objective}; "
-                        f"choose one of {', '.join(EVAL_METRICS[cfg.objective])} (or exact_match/TASK)")
+                        f"choose one of {', '.join(objective.eval_metric_names)} (or exact_match/TASK)")
     if not cfg.train_file:
         raise UserError("--train_file is empty; give a parquet file, a list of files or a glob")
     if isinstance(cfg.train_file, dict):

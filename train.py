@@ -80,15 +80,16 @@ def evaluate(model_dir: str, test_file: str, max_rows: int = 10**9, batch_size: 
         raise UserError("--max_rows and --batch_size must be > 0, --samples >= 0")
     from accelerate import Accelerator
 
-    from model.infer import ChatBot
     from model.evaluation import score_file
+    from model.infer import ChatBot
+    from model.run import Run
     from utils.files import check_data_file
     from utils.logging import get_logger
     check_data_file(test_file, what="test_file")
     bot = ChatBot(model_dir)
     accelerator = Accelerator()
     model = accelerator.prepare(bot.model)
-    score_file(model, accelerator, bot.tokenizer, test_file, batch_size, bot.max_new_tokens,
+    score_file(model, Run(accelerator), bot.tokenizer, test_file, batch_size, bot.max_new_tokens,
                get_logger(main_process=accelerator.is_main_process), max_rows, samples)
 
 
@@ -181,37 +182,9 @@ def serve(model_dir: str = "./model_save/best", host: str = "127.0.0.1", port: i
         timeout_s: seconds a request may wait and generate in all (504 beyond).
         device: cpu, cuda, cuda:1, ...; default: cuda when there is one.
     """
-    import math
-
-    from serve.app import API_KEY_ENV, Limits, check_port_free, is_loopback, run
-    if not 0 < port < 65536:
-        raise UserError(f"--port={port} is not a TCP port; pass 1 to 65535")
-    for name, value in (("max_batch_size", max_batch_size), ("max_body_bytes", max_body_bytes),
-                        ("max_tokens", max_tokens)):
-        if value <= 0:
-            raise UserError(f"--{name} must be > 0, got {value}")
-    if max_queue < 0 or max_prompt_tokens < 0 or batch_wait_ms < 0 or not (timeout_s > 0 and math.isfinite(timeout_s)):
-        raise UserError("--max_queue, --max_prompt_tokens and --batch_wait_ms must be >= 0, --timeout_s > 0")
-    key = api_key or os.environ.get(API_KEY_ENV, "")
-    if not is_loopback(host) and not key and not allow_remote_without_key:
-        raise UserError(f"--host={host} can be reached from other machines: set --api_key=KEY (or ${API_KEY_ENV}), "
-                        "or pass --allow_remote_without_key=True to serve without a key on purpose")
-    if device:
-        import torch
-        try:
-            torch.device(device)
-        except RuntimeError:
-            raise UserError(f"--device={device!r} is not a device; pass cpu, cuda or cuda:N") from None
-        if device.startswith("cuda") and not torch.cuda.is_available():
-            raise UserError(f"--device={device} but this machine has no CUDA GPU; pass --device=cpu")
-    check_port_free(host, port)
-    from model.infer import ChatBot
-    bot = ChatBot(model_dir, device or None)
-    limits = Limits(max_body_bytes=max_body_bytes, max_prompt_tokens=max_prompt_tokens or bot.max_prompt_tokens,
-                    max_tokens=max_tokens, default_max_tokens=min(bot.max_new_tokens, max_tokens), timeout_s=timeout_s)
-    parts = os.path.normpath(os.path.abspath(model_dir)).split(os.sep)
-    run(bot, host, port, model_name or "/".join(parts[-2:]), key or None, limits, max_batch_size, max_queue,
-        batch_wait_ms)
+    from serve.options import start
+    start(model_dir, host, port, api_key, allow_remote_without_key, model_name, max_batch_size, max_queue,
+          batch_wait_ms, max_body_bytes, max_prompt_tokens, max_tokens, timeout_s, device)
 
 
 def plot(output_dir: str = TrainConfig.output_dir, metric: str = ""):

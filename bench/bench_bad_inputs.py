@@ -320,7 +320,7 @@ class Matrix:
     def alignment_cases(self, fresh):
         """DPO, GRPO and LoRA mistakes; every one is an error before training, or one line at the
         first step it shows."""
-        t, a, final, work = "train.py", self.args, self.final, self.work
+        t, a, final = "train.py", self.args, self.final
         dpo = {"objective": "dpo", "init_from": final, "train_file": self.pairs, "validation_file": "", **fresh}
         grpo = {"objective": "grpo", "init_from": final, "validation_file": "", "grpo_group_size": 2,
                 "grpo_max_new_tokens": 3, **fresh}

@@ -80,61 +80,42 @@ class Timer:
         return self.seconds
 
 
-def timed_trainer(timer: Timer, warmup: int):
-    class Timed(ChatTrainer):
-        """The real loop; its batches, loss, backward and update timed once `warmup` steps are done."""
+class TimedSteps:
+    """Hooks that time the real loop's parts once `warmup` steps are done: waiting for a batch
+    (data), the objective's forward (forward), backward, and the optimizer step (optimizer)."""
 
-        def build(self):
-            super().build()
-            loss, backward = self.objective.loss, self.accelerator.backward
+    def __init__(self, timer: Timer, warmup: int):
+        self.timer, self.warmup = timer, warmup
+        self.rows, self.timed_from, self.mark = [], None, None
 
-            def timed_loss(*args, **kwargs):
-                if self.progress.step < warmup:
-                    return loss(*args, **kwargs)
-                started = timer.start()
-                out = loss(*args, **kwargs)
-                timer.stop("forward", started)
-                return out
+    def timing(self, trainer) -> bool:
+        return trainer.progress.step >= self.warmup
 
-            def timed_backward(*args, **kwargs):
-                if self.progress.step < warmup:
-                    return backward(*args, **kwargs)
-                started = timer.start()
-                backward(*args, **kwargs)
-                timer.stop("backward", started)
+    def lap(self, trainer, part):
+        if self.mark is not None and part is not None:
+            self.timer.stop(part, self.mark)
+        self.mark = self.timer.start() if self.timing(trainer) else None
 
-            self.objective.loss, self.accelerator.backward = timed_loss, timed_backward
-            self.rows = []
+    def on_batch(self, trainer, batch):
+        if self.timing(trainer) and self.timed_from is None:
+            self.timed_from = (time.perf_counter(), trainer.progress.samples, trainer.progress.tokens)
+        self.lap(trainer, "data")
+        if self.timing(trainer) and batch is not None:
+            lp = batch["attention_mask"].sum(1).tolist()
+            lt = (batch["labels"] >= 0).sum(1).tolist()
+            self.rows += list(zip(lp, lt))
 
-        def batches(self):
-            it = super().batches()
-            while True:
-                started = timer.start() if self.progress.step >= warmup else None
-                item = next(it, None)
-                if item is None:
-                    return
-                if started is not None:
-                    timer.stop("data", started)
-                    if self.progress.step == warmup and self.timed_from is None:
-                        self.timed_from = (time.perf_counter(), self.progress.samples, self.progress.tokens)
-                yield item
+    def on_loss(self, trainer, batch, loss, values):
+        self.lap(trainer, "forward")
 
-        def apply_update(self):
-            started = timer.start() if self.progress.step >= warmup else None
-            super().apply_update()
-            if started is not None:
-                timer.stop("optimizer", started)
+    def on_backward(self, trainer):
+        self.lap(trainer, "backward")
 
-        def record_batch(self, batch):
-            if self.progress.step >= warmup:
-                lp = batch["attention_mask"].sum(1).tolist()
-                lt = (batch["labels"] >= 0).sum(1).tolist()
-                self.rows += list(zip(lp, lt))
-            super().record_batch(batch)
+    def on_update(self, trainer):
+        self.lap(trainer, "optimizer")
 
-        timed_from = None
-
-    return Timed
+    def on_step_end(self, trainer):
+        self.lap(trainer, None)  # logging and the rest count as "other" until the next batch is waited for
 
 
 def step_flops(model_config, rows) -> float:
@@ -161,18 +142,19 @@ def run(name: str, overrides: dict, args: dict) -> dict:
                           **overrides)
         if cuda:
             torch.cuda.reset_peak_memory_stats()
-        trainer = timed_trainer(timer, args["warmup"])(cfg)
+        timed = TimedSteps(timer, args["warmup"])
+        trainer = ChatTrainer(cfg, hooks=[timed])
         trainer.train()
     if cuda:
         torch.cuda.synchronize()
-    t0, samples0, tokens0 = trainer.timed_from
+    t0, samples0, tokens0 = timed.timed_from
     seconds = time.perf_counter() - t0
     parts = timer.totals()
     parts["other"] = max(0.0, seconds - sum(parts.values()))
-    tokens = sum(s + t for s, t in trainer.rows)
-    model_config = trainer.accelerator.unwrap_model(trainer.model).config
-    flops = step_flops(model_config, trainer.rows) / seconds
-    return {"name": name, "tokens_per_s": tokens / seconds, "samples_per_s": len(trainer.rows) / seconds,
+    tokens = sum(s + t for s, t in timed.rows)
+    model_config = trainer.unwrapped().config
+    flops = step_flops(model_config, timed.rows) / seconds
+    return {"name": name, "tokens_per_s": tokens / seconds, "samples_per_s": len(timed.rows) / seconds,
             "tflops": flops / 1e12, "peak_gb": torch.cuda.max_memory_allocated() / 2**30 if cuda else None,
             "parts": {k: v / seconds for k, v in parts.items()}}
 

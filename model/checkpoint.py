@@ -15,7 +15,13 @@ A state is written to `step_N.tmp` and renamed when complete; a state saved agai
 same step swaps in whole (`step_N` -> `step_N.old`, `.tmp` -> `step_N`, `.old` removed).
 Resume takes the newest state whose manifest matches its files, recovers the leftovers of
 an interrupted swap, and moves damaged newer states aside so rotation never counts them.
+`state.json` names its `format`; a state of another format is refused with one line.
+
+`StateStore` (below) is a run's use of these files: the save all processes make together, the
+load into the run's pieces, rotation once a later step was finite, and setting aside the states
+of a run that diverged. Every library error on the way is one line (UserError) that says what to do.
 """
+import functools
 import hashlib
 import json
 import os
@@ -277,3 +283,244 @@ def load_rng(path: str) -> None:
     except (SafetensorError, OSError, KeyError, ValueError, TypeError, RuntimeError) as err:
         raise UserError(f"cannot restore the RNG states from {path} ({str(err).splitlines()[0]}); an exact "
                         "resume needs them: resume from another state or start over") from None
+
+
+# ---- the state store: one run's train states ----------------------------------------------------
+
+# Settings that decide which rows form which batch: a resume must keep them.
+DATA_ORDER_KEYS = ("batch_size_per_gpu", "dataloader_buffer_size", "seed", "max_seq_len", "group_by_length",
+                   "num_shards", "validation_split", "mix_strategy", "weights")
+# What a state saved before a key existed had, in effect.
+DATA_ORDER_DEFAULTS = {"validation_split": 0.0, "mix_strategy": "first_exhausted", "weights": None}
+MODEL_SHAPE_KEYS = ("d_model", "d_ff", "num_heads", "d_kv", "num_layers", "num_decoder_layers", "vocab_size")
+
+
+@functools.lru_cache(maxsize=4)
+def weights_hash(path: str) -> str | None:
+    """sha256 of the weights a run starts from (None for a new model)."""
+    if not path:
+        return None
+    file = os.path.join(path, "model.safetensors") if os.path.isdir(path) else path
+    return sha256(file) if os.path.isfile(file) else None
+
+
+def vocab_hash(tokenizer) -> str:
+    return hashlib.sha256(json.dumps(sorted(tokenizer.get_vocab().items())).encode()).hexdigest()[:16]
+
+
+def state_settings(cfg, model_config, tokenizer, pieces, sources, processes: int) -> dict:
+    """What a resumed run must share with the run that saved the state."""
+    lora = {"r": cfg.lora_r, "alpha": cfg.lora_alpha, "target_modules": sorted(cfg.lora_target_modules)} \
+        if cfg.trains == "lora" else None
+    return {"model": {k: getattr(model_config, k) for k in MODEL_SHAPE_KEYS}, "vocab": vocab_hash(tokenizer),
+            "objective": cfg.objective, "trainable": cfg.trains, "lora": lora, "optimizer": cfg.optimizer,
+            "init_from": {"path": cfg.start_from, "sha256": weights_hash(cfg.start_from)},
+            **{k: getattr(cfg, k) for k in DATA_ORDER_KEYS if k not in ("num_shards", "weights")},
+            "weights": {src.label: src.weight for src in sources} if len(sources) > 1 else None,
+            "num_shards": processes * max(1, cfg.num_workers),
+            "rows_per_row_group": [p.num_rows for p in pieces],
+            "num_processes": processes, "num_workers": cfg.num_workers}
+
+
+def check_settings(state: str, saved: dict, now: dict) -> None:
+    """The settings of this run that a resume from `state` cannot change, checked against it."""
+    if "model" in now and saved.get("model") != now["model"]:
+        raise UserError(f"{state} holds a model of shape {saved.get('model')}, this run builds {now['model']}; "
+                        "resume with the --model_size (or --init_from) it was trained with")
+    if "vocab" in now and saved.get("vocab") != now["vocab"]:
+        raise UserError(f"{state} was trained with another tokenizer than this run's (the vocabularies differ); "
+                        "resume with the --tokenizer_dir it was trained with")
+    if "init_from" in now and (saved.get("init_from") or {}).get("sha256") != now["init_from"]["sha256"]:
+        raise UserError(f"{state} started from {(saved.get('init_from') or {}).get('path') or 'a new model'}, "
+                        f"this run from {now['init_from']['path'] or 'a new model'} (other weights); resume with "
+                        "the --init_from it started from")
+    for key in ("objective", "trainable", "lora", "optimizer"):
+        if key in now and saved.get(key) != now[key]:
+            raise UserError(f"{state} was saved with --{key}={saved.get(key)}, this run has {now[key]}; "
+                            f"resume with --{key}={saved.get(key)}")
+    for key in DATA_ORDER_KEYS:
+        was = saved.get(key, DATA_ORDER_DEFAULTS.get(key))
+        if was != now[key]:
+            hint = ("the same number of processes x --num_workers "
+                    f"({saved.get('num_processes')} x {saved.get('num_workers')})") if key == "num_shards" \
+                else "the same --train_file weights" if key == "weights" else f"--{key}={was}"
+            raise UserError(f"{state} was saved with {key}={was}, this run has {now[key]}; "
+                            f"an exact resume needs {hint}")
+    if "rows_per_row_group" in now and saved.get("rows_per_row_group") != now["rows_per_row_group"]:
+        raise UserError(f"the training data differs from the data {state} was trained on (rows per row "
+                        "group changed); resume with the same --train_file, or start a new run")
+
+
+def check_resumable(path: str, settings: dict) -> None:
+    """The state at `path` (new or legacy format) fits a run with these settings."""
+    if is_legacy(path):
+        saved = load_json(os.path.join(path, "chatlm_state.json"))
+        saved["trainable"] = "decoder" if saved.get("is_finetune") else "all"
+        keys = DATA_ORDER_KEYS + ("trainable",)
+        check_settings(path, {k: saved.get(k, DATA_ORDER_DEFAULTS.get(k)) for k in keys},
+                       {k: settings[k] for k in keys})
+        return
+    saved = load_json(os.path.join(path, STATE_JSON))
+    if saved.get("format") != FORMAT:
+        raise UserError(f"{path} is a train state of format {saved.get('format')!r}; this chatlm reads format "
+                        f"{FORMAT}: resume it with the chatlm that saved it, or start over")
+    check_settings(path, saved.get("settings") or {}, settings)
+
+
+class StateStore:
+    """train_state_dir for one run: save a state all processes write together, load one, keep the
+    newest keep_latest_n_ckp, set aside those saved after the last finite step.
+
+    Saves and loads take the run's pieces as arguments; the store keeps only which states are not
+    yet confirmed by a later finite step (rotation waits for that, so a state whose weights
+    diverge is never the one left).
+    """
+
+    def __init__(self, cfg, run, logger, settings: dict):
+        self.cfg, self.run, self.logger, self.settings = cfg, run, logger, settings
+        self.unconfirmed: list[str] = []
+
+    def save(self, policy, optimizer, stream, scaler) -> str:
+        """Collective: everything a resume needs to train_state_dir/step_N. A failure on any
+        process (a full disk, a lost mount) is one error line; the partial directory is removed
+        and earlier states stay intact."""
+        run, progress = self.run, self.run.progress
+        progress.wall_seconds = run.wall_seconds()
+        data = run.gather(stream.state_dict())
+        final = state_path(self.cfg.train_state_dir, progress.step)
+        tmp = final + ".tmp"
+
+        def fail(reason):
+            return (f"could not save the train state {final}: {reason}; free some space or fix the path, "
+                    "then resume with --is_keep_training=True (the earlier states are intact)")
+
+        def cleanup():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+        def part(write):
+            try:
+                write()
+                error = None
+            except Exception as err:  # noqa: BLE001 (OSError, torch's RuntimeError, SafetensorError)
+                error = err
+            run.fail_together(error, fail, cleanup, tmp)
+
+        def start():
+            if run.is_main:
+                cleanup()
+                os.makedirs(tmp)
+
+        def files():
+            if run.is_main:
+                save_model_weights(policy.unwrapped(), os.path.join(tmp, MODEL_FILE))
+                save_optimizer(optimizer, os.path.join(tmp, OPTIMIZER_FILE))
+                save_json({"format": FORMAT, "step": progress.step, "progress": progress.state_dict(),
+                           "data": data, "settings": self.settings,
+                           # fp16's loss scale: numbers only
+                           "scaler": scaler.state_dict() if scaler is not None else None,
+                           "torch_threads": torch.get_num_threads()}, os.path.join(tmp, STATE_JSON))
+            save_rng(os.path.join(tmp, rng_file(run.accelerator.process_index)))
+
+        def finish():
+            if run.is_main:
+                write_manifest(tmp)
+                swap_in(tmp, final)
+
+        for write in (start, files, finish):
+            part(write)
+        self.unconfirmed.append(final)
+        self.logger.info(f"saved train state {final}")
+        return final
+
+    def load(self, path: str, policy, optimizer, stream, scaler) -> None:
+        """Restore a verified state of this format into the run's pieces."""
+        acc, progress = self.run.accelerator, self.run.progress
+        saved = load_json(os.path.join(path, STATE_JSON))
+        try:
+            data = saved["data"]
+            if len(data) != acc.num_processes:
+                raise UserError(f"{path} was saved by {len(data)} processes, this run has {acc.num_processes}; "
+                                "resume with the same number of processes")
+            progress.load_state_dict(saved["progress"])
+            stream.load_state_dict(data[acc.process_index])
+            if scaler is not None and saved.get("scaler"):
+                scaler.load_state_dict({k: v for k, v in saved["scaler"].items()
+                                        if isinstance(v, (int, float)) and not isinstance(v, bool)})
+        except (KeyError, TypeError, ValueError, AttributeError) as err:
+            if isinstance(err, UserError):
+                raise
+            raise UserError(f"{path}/{STATE_JSON} is not a chatlm train state ({err!r}); resume from "
+                            "another state or start over") from None
+        load_model_weights(policy.unwrapped(), os.path.join(path, MODEL_FILE))
+        load_optimizer(optimizer, os.path.join(path, OPTIMIZER_FILE), acc.device)
+        load_rng(os.path.join(path, rng_file(acc.process_index)))
+        self.apply_optimizer_settings(optimizer)
+        threads = saved.get("torch_threads")
+        if acc.device.type == "cpu" and threads and threads != torch.get_num_threads():
+            self.logger.warning(f"{path} was saved with {threads} torch threads, this run has "
+                                f"{torch.get_num_threads()}: on a CPU the resumed run then differs from an "
+                                f"uninterrupted one in the last bits (OMP_NUM_THREADS={threads} avoids that)")
+
+    def load_legacy(self, path: str, optimizer, stream) -> None:
+        """A state of the old format, through Accelerate's pickle loader: only with trust_pickled_state."""
+        acc, progress = self.run.accelerator, self.run.progress
+        self.logger.warning(f"loading {path} in the old pickle format (--trust_pickled_state=True)")
+
+        class Receiver:  # takes what Accelerate unpickles for each registered object
+            state = None
+
+            def state_dict(self):
+                return {}
+
+            def load_state_dict(self, state):
+                self.state = state
+
+        scheduler, old_progress = Receiver(), Receiver()
+        acc.register_for_checkpointing(scheduler, old_progress)
+        try:
+            acc.load_state(path)
+        except Exception as err:  # noqa: BLE001 (Accelerate raises whatever its loaders raise)
+            from utils.files import describe_error
+            raise UserError(f"cannot load the old train state {path} ({describe_error(err)})") from None
+        old = dict(old_progress.state)
+        old["best_score"] = old.pop("best_bleu", None)
+        positions, workers = old.pop("positions", []), old.pop("next_workers", [])
+        progress.load_state_dict(old)
+        rank = acc.process_index
+        stream.load_state_dict({"epoch": progress.epoch, "positions": positions[rank] if positions else {},
+                                "next_worker": workers[rank] if workers else 0})
+        self.apply_optimizer_settings(optimizer)
+
+    def apply_optimizer_settings(self, optimizer) -> None:
+        """Settings that may change on resume win over the ones saved in the optimizer state."""
+        if self.cfg.optimizer == "adamw":
+            optimizer.param_groups[0]["weight_decay"] = self.cfg.weight_decay
+
+    def confirm(self) -> None:
+        """A later step was finite: the states saved before it count, and the oldest beyond
+        keep_latest_n_ckp go (main process)."""
+        if not self.unconfirmed:
+            return
+        self.unconfirmed = []
+        if self.run.is_main:
+            for old in list_states(self.cfg.train_state_dir)[:-self.cfg.keep_latest_n_ckp]:
+                shutil.rmtree(old, ignore_errors=True)
+
+    def set_aside_unconfirmed(self) -> str:
+        """The steps after the states saved since the last finite step were not finite: rename
+        those states `.diverged` (main process); returns how to go on."""
+        if self.run.is_main:
+            for path in self.unconfirmed:
+                if os.path.isdir(path):
+                    shutil.rmtree(path + ".diverged", ignore_errors=True)
+                    os.replace(path, path + ".diverged")
+                    self.logger.warning(f"{path}: the steps after it were not finite; renamed {path}.diverged")
+        states = list_states(self.cfg.train_state_dir)
+        return (f"resume from {os.path.basename(states[-1])} with --is_keep_training=True" if states
+                else "start over")
+
+    def clear(self) -> None:
+        """A fresh run with --overwrite: the states of an earlier run go (main process)."""
+        if self.run.is_main:
+            for old in list_all(self.cfg.train_state_dir):
+                shutil.rmtree(old, ignore_errors=True)

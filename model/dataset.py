@@ -560,7 +560,7 @@ def has_usable_row(path: str, objective) -> bool:
 def text_columns(objective, files: list[str]) -> tuple[str, ...]:
     """The raw columns `objective` wants in its batches; "*" means every column of the files.
     A column the files lack is an error now, naming what they have."""
-    wanted = tuple(getattr(objective, "text_columns", ()))
+    wanted = tuple(objective.text_columns)
     if not wanted:
         return ()
     names = open_parquet(files[0], ()).schema_arrow.names
@@ -685,3 +685,31 @@ def get_eval_loader(dataset: EvalSet, batch_size: int) -> DataLoader:
 def describe(files: list[str]) -> str:
     size = sum(os.path.getsize(f) for f in files)
     return f"{len(files)} file(s), {count_rows(files):,} rows, {size / 2**20:.1f} MiB"
+
+
+def get_tokenizer(cfg, run, train_files: list[str], logger):
+    """The tokenizer in tokenizer_dir, trained there from the training files first when missing
+    (by the main process; the others wait and load it)."""
+    from utils.tokenizer import load_tokenizer, train_tokenizer
+    with run.main_first():
+        if run.is_main and not os.path.isfile(os.path.join(cfg.tokenizer_dir, "tokenizer.json")):
+            logger.info(f"no tokenizer in {cfg.tokenizer_dir}: training one "
+                        f"(vocab_size={cfg.vocab_size}) on {', '.join(train_files)}")
+            train_tokenizer(train_files, cfg.tokenizer_dir, cfg.vocab_size, model_max_length=cfg.max_seq_len,
+                            seed=cfg.seed)
+        return load_tokenizer(cfg.tokenizer_dir)
+
+
+def get_stream(cfg, plan, tokenizer, accelerator, logger) -> TrainStream:
+    """This process's training stream: its shard of the plan's sources, owning its position."""
+    keep_in_memory = cfg.keep_in_memory and accelerator.num_processes == 1
+    if cfg.keep_in_memory and not keep_in_memory:
+        logger.info("several processes: streaming the training data instead of holding it in memory")
+    logger.info(f"training data: {describe(plan.train_files)}, {'in memory' if keep_in_memory else 'streamed'}")
+    if len(plan.sources) > 1:
+        logger.info("weighted sources (" + cfg.mix_strategy + "): " + "; ".join(
+            f"{src.label} = {src.weight:g} x {describe(list(src.files))}" for src in plan.sources))
+    return TrainStream(plan.train_files, tokenizer, cfg.batch_size_per_gpu, cfg.max_seq_len,
+                       cfg.dataloader_buffer_size, cfg.seed, accelerator.process_index, accelerator.num_processes,
+                       cfg.num_workers, keep_in_memory, cfg.group_by_length, plan.objective,
+                       plan.sources, cfg.mix_strategy, cfg.validation_split, cfg.max_tokens_per_batch)

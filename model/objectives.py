@@ -1,8 +1,9 @@
 """What differs between training objectives, in one small object the trainer calls.
 
-An objective owns its columns, how a batch of their token ids is padded, the batch an idle
-process steps on, the tokens a batch counts, its loss and the metrics it logs and evaluates.
-The trainer and the data stream never ask which objective they run.
+The contract, `Objective` below, is all the loop, the data stream and evaluation know of an
+objective; they never ask which one they run. An objective is one class and a line in
+`OBJECTIVES`; it touches no other module. The classes share tensor helpers (the functions at the
+top), never an implementation by inheritance.
 
 - `Seq2Seq`: cross-entropy of the response given the prompt (pre-training, SFT); with
   `kl_beta > 0` plus kl_beta x KL(policy || reference) over the whole vocabulary at every
@@ -15,17 +16,56 @@ The trainer and the data stream never ask which objective they run.
   encoder-decoder path, so it is written here: the encoder reads the prompt, the decoder samples
   a group of completions, which are then scored as labels.
 """
+import math
 import time
+from typing import ClassVar, Protocol
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from utils.errors import UserError
 from utils.metrics import normalise
 
 LABEL_PAD = -100  # ignored by the loss
 EOS = 1  # [EOS]; [PAD] = 0 is also T5's decoder start token
 
+
+class Objective(Protocol):
+    """The members every objective has (the loop, the stream, evaluation and config use these)."""
+    name: ClassVar[str]
+    columns: tuple[str, ...]  # text columns, tokenized; the first is the encoder's input
+    target: str | None  # the column greedy answers are compared with (None: none)
+    text_columns: tuple[str, ...]  # raw columns travelling with each batch as batch["texts"] ("*": all)
+    pad_multiple: int  # padded lengths are rounded up to this
+    updates_per_batch: int  # optimizer updates made on each batch (GRPO's iterations)
+    needs_reference: bool
+    dropout_free: bool  # compares the policy with a reference or itself: dropout would be noise
+    metric_names: tuple[str, ...]  # what `loss` returns in its values, logged as train/NAME
+    unit_scale: int  # about how many loss units a row holds (the micro-batch weights' fixed scale)
+    no_usable_row: ClassVar[str | None]  # why a file has no row to train on beyond empty texts
+    default_best_metric: ClassVar[str]
+    eval_metric_names: ClassVar[tuple[str, ...]]  # what evaluation reports (exact_match/TASK, reward/NAME too)
+
+    @classmethod
+    def from_config(cls, cfg) -> "Objective": ...
+    @staticmethod
+    def check_settings(cfg) -> None: ...  # the settings' rules for this objective: UserError at start-up
+    @staticmethod
+    def dropout_free_for(cfg) -> bool: ...
+    def set_tokenizer(self, tokenizer) -> None: ...
+    def usable_rows(self, texts: dict) -> np.ndarray: ...  # which rows of {column: texts} train
+    def collate(self, rows: dict) -> dict: ...  # {column: [token ids]} -> padded tensors
+    def count_tokens(self, batch: dict) -> int: ...  # non-pad tokens, for throughput
+    def loss_units(self, batch: dict) -> int: ...  # what the loss is a mean over (tokens, pairs, prompts)
+    def loss(self, model, batch: dict, reference, update: int = 0) -> tuple[torch.Tensor, dict]: ...
+    def take_signal(self) -> bool | None: ...  # whether the micro-batches since the last call could teach
+    def eval_rows(self, model, batch: dict, reference) -> dict: ...  # per-row sums, gathered
+    def eval_metrics(self, sums: dict) -> dict: ...
+    def answer_metrics(self, prompts: list[str], answers: list[str], columns: dict) -> dict: ...
+
+
+# ---- shared tensor helpers -----------------------------------------------------------------------
 
 def non_empty(*columns: list) -> np.ndarray:
     """Rows whose every text is non-null and not only whitespace."""
@@ -47,6 +87,22 @@ def encoder_inputs(prompts: list, multiple: int = 1) -> dict:
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
+def prompt_response_batch(rows: dict, multiple: int = 1) -> dict:
+    """{"prompt": [ids], "response": [ids]} -> padded encoder inputs and labels."""
+    return {**encoder_inputs(rows["prompt"], multiple), "labels": pad(rows["response"], LABEL_PAD, multiple)}
+
+
+def batch_tokens(batch: dict) -> int:
+    """Non-pad prompt tokens and label tokens of a batch."""
+    labels = int((batch["labels"] != LABEL_PAD).sum()) if "labels" in batch else 0
+    return int(batch["attention_mask"].sum()) + labels
+
+
+def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+    """(B, T) log-probability of each label (B, T; -100 = padding) under `logits` (B, T, V)."""
+    return torch.gather(logits.float().log_softmax(-1), 2, labels.clamp(min=0).unsqueeze(2)).squeeze(2)
+
+
 def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, average: bool = False) -> torch.Tensor:
     """Per-sequence log-probability of `labels` (B, T; -100 = padding) under `logits` (B, T, V).
 
@@ -54,69 +110,86 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, average: bool = F
     labels shifted right inside the model): no shift here. `average` divides by the length.
     """
     mask = labels != LABEL_PAD
-    token_logps = torch.gather(logits.float().log_softmax(-1), 2, labels.clamp(min=0).unsqueeze(2)).squeeze(2)
-    summed = (token_logps * mask).sum(-1)
+    summed = (token_logps(logits, labels) * mask).sum(-1)
     return summed / mask.sum(-1).clamp(min=1) if average else summed
 
 
-class Reference:
-    """The model the policy is kept close to, read only: a frozen copy of the starting model, or
-    (under LoRA) the policy itself with its adapters disabled. Always in eval mode, no grad."""
+def per_token_kl(policy_logits: torch.Tensor, reference_logits: torch.Tensor) -> torch.Tensor:
+    """(B, T) KL(policy || reference) over the whole vocabulary at each position."""
+    logp, logq = policy_logits.float().log_softmax(-1), reference_logits.float().log_softmax(-1)
+    return (logp.exp() * (logp - logq)).sum(-1)
 
-    def __init__(self, model: torch.nn.Module | None = None, policy=None):
-        self.model, self.policy = model, policy  # exactly one is set
 
-    @torch.no_grad()
-    def __call__(self, **inputs):
-        if self.model is not None:
-            return self.model(**inputs)
-        policy = self.policy()  # the unwrapped peft model
-        training = policy.training
-        policy.eval()
-        try:
-            with policy.disable_adapter():
-                return policy(**inputs)
-        finally:
-            policy.train(training)
+def cross_entropy_rows(model, batch: dict) -> tuple[dict, torch.Tensor]:
+    """Per-row summed token loss and target tokens of `batch`, and the logits."""
+    logits = model(**batch).logits
+    mask = batch["labels"] != LABEL_PAD
+    token_loss = F.cross_entropy(logits.float().transpose(1, 2), batch["labels"], ignore_index=LABEL_PAD,
+                                 reduction="none")
+    return {"loss_sum": (token_loss * mask).sum(1), "tokens": mask.sum(1).float()}, logits
 
+
+def cross_entropy_metrics(sums: dict) -> dict:
+    """Loss per target token and perplexity (and KL per token) from gathered per-row sums."""
+    tokens = max(1.0, float(sums["tokens"].sum()))
+    loss = float(sums["loss_sum"].sum()) / tokens
+    metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50))}
+    if "kl_sum" in sums:
+        metrics["kl"] = float(sums["kl_sum"].sum()) / tokens
+    return metrics
+
+
+# ---- the objectives --------------------------------------------------------------------------------
 
 class Seq2Seq:
     name = "seq2seq"
-    updates_per_batch = 1  # optimizer updates the loop makes on each batch
     columns = ("prompt", "response")
-    target = "response"  # what greedy answers are compared with
-    default_best_metric = "bleu4"
-    pad_multiple = 1  # padded lengths are rounded up to this (a compiled model sees few shapes)
-
-    # Why a file has no row to train on, beyond empty texts (which every objective skips).
+    target = "response"
+    text_columns = ()
+    updates_per_batch = 1
+    pad_multiple = 1
+    unit_scale = 32  # target tokens per row, about
     no_usable_row = None
+    default_best_metric = "bleu4"
+    eval_metric_names = ("loss", "perplexity", "bleu4", "exact_match", "kl")
 
     def __init__(self, kl_beta: float = 0.0):
         self.kl_beta = kl_beta
-        self.needs_reference = kl_beta > 0
-        # Runs its policy against a reference: dropout would be noise in the difference
-        # (the trainer turns it off unless --disable_dropout=False).
-        self.dropout_free = kl_beta > 0
+        self.needs_reference = self.dropout_free = kl_beta > 0
         self.metric_names = ("loss", "ce", "kl") if kl_beta > 0 else ("loss",)
+
+    @classmethod
+    def from_config(cls, cfg) -> "Seq2Seq":
+        return cls(cfg.kl_beta)
+
+    @staticmethod
+    def check_settings(cfg) -> None:
+        if cfg.kl_beta and not cfg.start_from:
+            raise UserError("--kl_beta needs --init_from=DIR: the KL is taken to the model training starts from")
+
+    @staticmethod
+    def dropout_free_for(cfg) -> bool:
+        return cfg.kl_beta > 0
+
+    def set_tokenizer(self, tokenizer) -> None:
+        pass
 
     def usable_rows(self, texts: dict) -> np.ndarray:
         """Which rows of {column: texts} train (the others are skipped and counted): no text empty."""
         return non_empty(*(texts[c] for c in self.columns))
 
     def collate(self, rows: dict) -> dict:
-        """{"prompt": [ids], "response": [ids]} -> padded encoder inputs and labels."""
-        return {**encoder_inputs(rows["prompt"], self.pad_multiple),
-                "labels": pad(rows["response"], LABEL_PAD, self.pad_multiple)}
+        return prompt_response_batch(rows, self.pad_multiple)
 
     def count_tokens(self, batch: dict) -> int:
-        return int(batch["attention_mask"].sum()) + int((batch["labels"] != LABEL_PAD).sum())
+        return batch_tokens(batch)
 
     def loss_units(self, batch: dict) -> int:
         """What the loss is a mean over, counted in a batch: the target tokens. The loop weights
         each micro-batch by it, so an optimizer step's loss is the mean over all its units."""
         return int((batch["labels"] != LABEL_PAD).sum())
 
-    def loss(self, model, batch: dict, reference: Reference | None) -> tuple[torch.Tensor, dict]:
+    def loss(self, model, batch: dict, reference, update: int = 0) -> tuple[torch.Tensor, dict]:
         out = model(**batch)
         if not self.kl_beta:
             return out.loss, {"loss": out.loss.detach()}
@@ -128,54 +201,45 @@ class Seq2Seq:
     def token_kl(policy_logits, reference_logits, labels) -> torch.Tensor:
         """Mean over response tokens of KL(policy || reference) over the whole vocabulary."""
         mask = labels != LABEL_PAD
-        logp, logq = policy_logits.float().log_softmax(-1), reference_logits.float().log_softmax(-1)
-        per_token = (logp.exp() * (logp - logq)).sum(-1)
-        return (per_token * mask).sum() / mask.sum().clamp(min=1)
-
-    @torch.no_grad()
-    def eval_rows(self, model, batch: dict, reference: Reference | None) -> dict:
-        """Per-row sums for evaluation: summed token loss and target tokens (and KL)."""
-        out = model(**batch)
-        mask = batch["labels"] != LABEL_PAD
-        token_loss = F.cross_entropy(out.logits.float().transpose(1, 2), batch["labels"], ignore_index=LABEL_PAD,
-                                     reduction="none")
-        rows = {"loss_sum": (token_loss * mask).sum(1), "tokens": mask.sum(1).float()}
-        if reference is not None and self.kl_beta:
-            logp = out.logits.float().log_softmax(-1)
-            logq = reference(**batch).logits.float().log_softmax(-1)
-            rows["kl_sum"] = ((logp.exp() * (logp - logq)).sum(-1) * mask).sum(1)
-        return rows
-
-    def answer_metrics(self, prompts: list[str], answers: list[str], columns: dict) -> dict:
-        """Metrics of the greedy answers beyond BLEU and exact match (GRPO's reward): none."""
-        return {}
+        return (per_token_kl(policy_logits, reference_logits) * mask).sum() / mask.sum().clamp(min=1)
 
     def take_signal(self) -> bool | None:
-        """Whether the micro-batches since the last call gave a learning signal; None: always."""
         return None
 
+    @torch.no_grad()
+    def eval_rows(self, model, batch: dict, reference) -> dict:
+        """Per-row sums for evaluation: summed token loss and target tokens (and KL)."""
+        rows, logits = cross_entropy_rows(model, batch)
+        if reference is not None and self.kl_beta:
+            mask = batch["labels"] != LABEL_PAD
+            rows["kl_sum"] = (per_token_kl(logits, reference(**batch).logits) * mask).sum(1)
+        return rows
+
     def eval_metrics(self, sums: dict) -> dict:
-        import math
-        loss = float(sums["loss_sum"].sum()) / max(1.0, float(sums["tokens"].sum()))
-        metrics = {"loss": loss, "perplexity": math.exp(min(loss, 50))}
-        if "kl_sum" in sums:
-            metrics["kl"] = float(sums["kl_sum"].sum()) / max(1.0, float(sums["tokens"].sum()))
-        return metrics
+        return cross_entropy_metrics(sums)
+
+    def answer_metrics(self, prompts: list[str], answers: list[str], columns: dict) -> dict:
+        """Metrics of the greedy answers beyond BLEU and exact match: none."""
+        return {}
 
 
 class DPO:
     name = "dpo"
-    updates_per_batch = 1
     columns = ("prompt", "chosen", "rejected")
     target = "chosen"
-    # rewards/accuracy saturates at 1.0 long before the answers are good (pure DPO reaches 100%
-    # with 0% exact match): best/ follows the greedy answers against chosen instead.
-    default_best_metric = "exact_match"
+    text_columns = ()
+    updates_per_batch = 1
+    pad_multiple = 1
+    unit_scale = 1  # the loss is a mean over pairs
     needs_reference = True
     dropout_free = True
     no_usable_row = ("in every row chosen equals rejected (whitespace and full-width forms ignored) or a text is "
                      "empty: identical answers carry no preference; give pairs whose answers differ")
-    pad_multiple = 1
+    # rewards/accuracy saturates at 1.0 long before the answers are good (pure DPO reaches 100%
+    # with 0% exact match): best/ follows the greedy answers against chosen instead.
+    default_best_metric = "exact_match"
+    eval_metric_names = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin", "bleu4",
+                         "exact_match")
     metric_names = ("loss", "rewards/chosen", "rewards/rejected", "rewards/accuracy", "rewards/margin")
 
     def __init__(self, beta: float = 0.1, loss_type: str = "sigmoid", label_smoothing: float = 0.0,
@@ -187,6 +251,25 @@ class DPO:
         self.rpo_alpha = rpo_alpha
         if rpo_alpha:
             self.metric_names = DPO.metric_names + ("nll",)
+
+    @classmethod
+    def from_config(cls, cfg) -> "DPO":
+        return cls(cfg.dpo_beta, cfg.dpo_loss, cfg.dpo_label_smoothing, cfg.dpo_rpo_alpha)
+
+    @staticmethod
+    def check_settings(cfg) -> None:
+        if not cfg.start_from:
+            raise UserError("--objective=dpo needs --init_from=DIR (the model to improve, e.g. model_save/best): "
+                            "it is also the reference")
+        if cfg.kl_beta:
+            raise UserError("--kl_beta is for --objective=seq2seq; DPO keeps to its reference through --dpo_beta")
+
+    @staticmethod
+    def dropout_free_for(cfg) -> bool:
+        return True
+
+    def set_tokenizer(self, tokenizer) -> None:
+        pass
 
     def usable_rows(self, texts: dict) -> np.ndarray:
         """Pairs with every text non-empty and answers that differ once normalised as evaluation
@@ -241,7 +324,7 @@ class DPO:
         return losses, {"rewards/chosen": chosen, "rewards/rejected": rejected,
                         "rewards/accuracy": (chosen > rejected).float(), "rewards/margin": chosen - rejected}
 
-    def loss(self, model, batch: dict, reference: Reference) -> tuple[torch.Tensor, dict]:
+    def loss(self, model, batch: dict, reference, update: int = 0) -> tuple[torch.Tensor, dict]:
         policy, nll = self.logps(model, batch, nll=True)
         with torch.no_grad():
             ref = self.logps(reference, batch)
@@ -253,7 +336,7 @@ class DPO:
         return loss, values
 
     @torch.no_grad()
-    def eval_rows(self, model, batch: dict, reference: Reference) -> dict:
+    def eval_rows(self, model, batch: dict, reference) -> dict:
         losses, rewards = self.losses(self.logps(model, batch), self.logps(reference, batch))
         return {"loss": losses, **rewards}
 
@@ -267,41 +350,39 @@ class DPO:
         return None
 
 
-class GRPO(Seq2Seq):
+class GRPO:
     """Samples `group_size` completions per prompt, rewards them, and pushes up the log-probability
     of those better than their group's mean (a clipped ratio objective, as PPO's), optionally
     held to the reference by the k3 estimator of KL(policy || reference).
 
+    `grpo_iterations` updates are made on each batch of samples: the first samples and keeps the
+    rollout (completions, rewards, log-probabilities) on the objective, the later ones reuse it.
     Evaluation scores the greedy answers to the held-out prompts with the rewards it trains on
     (`reward`, and `reward/NAME` for each of a weighted sum), which picks best/ by default; where
-    the rows have a `response` (a reward reads it), also Seq2Seq's loss and exact match against it.
+    the rows have a `response` (a reward reads it), also the loss and exact match against it.
     Sampling uses the process's torch RNG, which the train state saves, so a resumed run samples
     what the uninterrupted one would have.
     """
     name = "grpo"
+    pad_multiple = 1
+    unit_scale = 1  # batches weigh by prompts
+    no_usable_row = None
     default_best_metric = "reward"
+    eval_metric_names = ("reward", "loss", "perplexity", "bleu4", "exact_match")
     # Sampling runs in eval mode and scoring in train mode: with dropout they would be two
     # different policies, and the ratio of the first update would not be 1.
     dropout_free = True
 
-    def loss_units(self, batch: dict) -> int:
-        """Prompts: the loss is a mean within the batch's samples, and batches weigh by prompts."""
-        return int(batch["input_ids"].shape[0])
-
     def __init__(self, rewards: list, group_size: int = 8, max_new_tokens: int = 32, temperature: float = 1.0,
                  top_p: float = 1.0, clip_eps: float = 0.2, clip_eps_high: float = 0.0, beta: float = 0.0,
                  loss_aggregation: str = "token", iterations: int = 1):
-        super().__init__(0.0)
-        self.dropout_free = True
-        # grpo_iterations: updates on each batch of samples (the loop repeats the batch; the
-        # samples are kept in it, under "rollout").
         self.updates_per_batch = iterations
         self.rewards, self.group_size, self.max_new_tokens = rewards, group_size, max_new_tokens
         self.temperature, self.top_p = temperature, top_p
         self.clip_low, self.clip_high = clip_eps, clip_eps_high or clip_eps
         self.beta, self.loss_aggregation = beta, loss_aggregation
         self.needs_reference = beta > 0
-        self.tokenizer = None  # set by the trainer: completions are decoded for the rewards
+        self.tokenizer = None  # completions are decoded for the rewards (set_tokenizer)
         # Raw text the rewards read travels with each batch (batch["texts"]); "*": every column.
         wanted = {"prompt"} | {c for r in rewards for c in r.columns}
         self.text_columns = tuple(sorted(wanted)) + (("*",) if any(r.all_columns for r in rewards) else ())
@@ -313,22 +394,70 @@ class GRPO(Seq2Seq):
                              + (("kl",) if beta else ())
                              + (tuple(f"reward/{r.name}" for r in rewards) if len(rewards) > 1 else ())
                              + ("sample_seconds", "train_seconds", "sampled_tokens_per_s"))
+        self.rollout = None  # the samples of the batch being updated on
         self._last_call = None  # when the previous micro-step's sampling ended
         self._signal = False  # a group with unequal rewards since take_signal (read on the host: no sync)
 
+    @classmethod
+    def from_config(cls, cfg) -> "GRPO":
+        from model.rewards import parse_rewards
+        return cls(parse_rewards(cfg.reward), cfg.grpo_group_size, cfg.grpo_max_new_tokens, cfg.grpo_temperature,
+                   cfg.grpo_top_p, cfg.grpo_clip_eps, cfg.grpo_clip_eps_high, cfg.grpo_beta,
+                   cfg.grpo_loss_aggregation, cfg.grpo_iterations)
+
+    @staticmethod
+    def check_settings(cfg) -> None:
+        if not cfg.start_from:
+            raise UserError("--objective=grpo needs --init_from=DIR (the model to improve, e.g. model_save/best): "
+                            "sampling from an untrained model earns no reward")
+        if cfg.kl_beta:
+            raise UserError("--kl_beta is for --objective=seq2seq; GRPO keeps to its reference through --grpo_beta")
+        if cfg.grpo_group_size < 2:
+            raise UserError(f"--grpo_group_size must be at least 2 (advantages compare a group's completions), "
+                            f"got {cfg.grpo_group_size}")
+        if not 0 < cfg.grpo_top_p <= 1:
+            raise UserError(f"--grpo_top_p must be in (0, 1], got {cfg.grpo_top_p}")
+        if cfg.grpo_iterations > 1 and cfg.gradient_accumulation_steps > 1:
+            raise UserError("--grpo_iterations > 1 needs --gradient_accumulation_steps=1: each update reuses one "
+                            "batch of samples; give a larger --batch_size_per_gpu instead")
+        from model.rewards import parse_rewards
+        rewards = parse_rewards(cfg.reward)  # imports the user's function now, not at the first step
+        if cfg.best.startswith("reward/") and cfg.best[7:] not in [r.name for r in rewards]:
+            raise UserError(f"--best_metric={cfg.best}: --reward has no {cfg.best[7:]}; choose reward or one of "
+                            + ", ".join(f"reward/{r.name}" for r in rewards))
+        reads_response = any("response" in r.columns for r in rewards)
+        if cfg.best.split("/")[0] in ("loss", "perplexity", "bleu4", "exact_match") and not reads_response:
+            raise UserError(f"--best_metric={cfg.best} compares with a response column, which no reward reads "
+                            "here; pick best/ by --best_metric=reward")
+
+    @staticmethod
+    def dropout_free_for(cfg) -> bool:
+        return True
+
+    def set_tokenizer(self, tokenizer) -> None:
+        self.tokenizer = tokenizer
+
+    def usable_rows(self, texts: dict) -> np.ndarray:
+        return non_empty(*(texts[c] for c in self.columns))
+
     def collate(self, rows: dict) -> dict:
-        return super().collate(rows) if "response" in rows else encoder_inputs(rows["prompt"], self.pad_multiple)
+        if "response" in rows:
+            return prompt_response_batch(rows, self.pad_multiple)
+        return encoder_inputs(rows["prompt"], self.pad_multiple)
 
     def count_tokens(self, batch: dict) -> int:
-        return int(batch["attention_mask"].sum()) + (int((batch["labels"] != LABEL_PAD).sum())
-                                                     if "labels" in batch else 0)
+        return batch_tokens(batch)
+
+    def loss_units(self, batch: dict) -> int:
+        """Prompts: the loss is a mean within the batch's samples, and batches weigh by prompts."""
+        return int(batch["input_ids"].shape[0])
 
     @torch.no_grad()
-    def eval_rows(self, model, batch: dict, reference: Reference | None) -> dict:
-        return super().eval_rows(model, batch, reference) if "labels" in batch else {}
+    def eval_rows(self, model, batch: dict, reference) -> dict:
+        return cross_entropy_rows(model, batch)[0] if "labels" in batch else {}
 
     def eval_metrics(self, sums: dict) -> dict:
-        return super().eval_metrics(sums) if "loss_sum" in sums else {}
+        return cross_entropy_metrics(sums) if "loss_sum" in sums else {}
 
     def take_signal(self) -> bool:
         """Whether any group sampled since the last call had unequal rewards (a zero-variance group
@@ -380,9 +509,7 @@ class GRPO(Seq2Seq):
         after_eos = (tokens == EOS).int().cumsum(1) - (tokens == EOS).int() > 0
         return tokens.masked_fill(after_eos, LABEL_PAD)
 
-    @staticmethod
-    def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
-        return torch.gather(logits.float().log_softmax(-1), 2, labels.clamp(min=0).unsqueeze(2)).squeeze(2)
+    token_logps = staticmethod(token_logps)
 
     # ---- one micro-step ------------------------------------------------------------------
     def sample(self, model, batch: dict) -> torch.Tensor:
@@ -422,7 +549,7 @@ class GRPO(Seq2Seq):
             means[f"reward/{reward.name}"] = values.mean()
         return total, means
 
-    def rollout(self, model, batch: dict) -> dict:
+    def make_rollout(self, model, batch: dict) -> dict:
         """Sample and score the batch's groups: completions, rewards, advantages, seconds."""
         started = time.perf_counter()
         train_seconds = started - self._last_call if self._last_call is not None else 0.0
@@ -434,11 +561,12 @@ class GRPO(Seq2Seq):
                 "advantages": self.advantages(rewards).to(labels.device), "old_logps": None,
                 "sample_seconds": sample_seconds, "train_seconds": train_seconds}
 
-    def loss(self, model, batch: dict, reference: Reference | None) -> tuple[torch.Tensor, dict]:
-        rollout = batch.get("rollout")
-        first = rollout is None
+    def loss(self, model, batch: dict, reference, update: int = 0) -> tuple[torch.Tensor, dict]:
+        """Update `update` (0-based) of grpo_iterations on this batch: the first samples."""
+        first = update == 0 or self.rollout is None
         if first:
-            rollout = batch["rollout"] = self.rollout(model, batch)
+            self.rollout = self.make_rollout(model, batch)
+        rollout = self.rollout
         labels, rewards, advantages = rollout["labels"], rollout["rewards"], rollout["advantages"]
         # Per update: the sampling's cost is shared by the updates on its samples.
         sample_seconds = rollout["sample_seconds"] / self.updates_per_batch
@@ -449,14 +577,14 @@ class GRPO(Seq2Seq):
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": labels,
                   "encoder_repeats": g}
         # Log-probabilities of the distribution sampled from: the logits over the temperature (as TRL).
-        logps = self.token_logps(model(**inputs).logits / self.temperature, labels)
+        logps = token_logps(model(**inputs).logits / self.temperature, labels)
         if first:
             # No update since the sampling: this policy sampled them, so the ratio is 1 (its
             # gradient is the policy gradient) and no second forward is needed. Later updates
             # on the same samples compare with these.
             rollout["old_logps"] = logps.detach()
             if reference is not None and self.beta:
-                rollout["ref_logps"] = self.token_logps(reference(**inputs).logits / self.temperature, labels)
+                rollout["ref_logps"] = token_logps(reference(**inputs).logits / self.temperature, labels)
         old, ref = rollout["old_logps"], rollout.get("ref_logps")
         mask = labels != LABEL_PAD
         loss, stats = self.policy_loss(logps, old, advantages, mask, ref)
@@ -474,15 +602,17 @@ class GRPO(Seq2Seq):
         return loss, {k: torch.as_tensor(v, dtype=torch.float32).to(device) for k, v in values.items()}
 
 
-def get_objective(cfg):
-    if cfg.objective == "grpo":
-        from model.rewards import parse_rewards
-        objective = GRPO(parse_rewards(cfg.reward), cfg.grpo_group_size, cfg.grpo_max_new_tokens,
-                         cfg.grpo_temperature, cfg.grpo_top_p, cfg.grpo_clip_eps, cfg.grpo_clip_eps_high,
-                         cfg.grpo_beta, cfg.grpo_loss_aggregation, cfg.grpo_iterations)
-    elif cfg.objective == "dpo":
-        objective = DPO(cfg.dpo_beta, cfg.dpo_loss, cfg.dpo_label_smoothing, cfg.dpo_rpo_alpha)
-    else:
-        objective = Seq2Seq(cfg.kl_beta)
+# The objectives by name: a new one is a class above (or anywhere) and a line here.
+OBJECTIVES: dict[str, type] = {"seq2seq": Seq2Seq, "dpo": DPO, "grpo": GRPO}
+
+
+def objective_class(name: str) -> type:
+    if name not in OBJECTIVES:
+        raise UserError(f"--objective={name!r} is not one of {list(OBJECTIVES)}")
+    return OBJECTIVES[name]
+
+
+def get_objective(cfg) -> Objective:
+    objective = objective_class(cfg.objective).from_config(cfg)
     objective.pad_multiple = cfg.pad_multiple
     return objective

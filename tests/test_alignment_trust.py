@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 import pytest
 import torch
 
-from conftest import StopAt, as_args, as_dpo_file, cli, run_cli, tiny_flags, train, write_rows
+from conftest import StopAt, as_args, as_dpo_file, cli, tiny_flags, train
 from model.objectives import GRPO, LABEL_PAD
 from model.rewards import exact_match, lcs_f1, parse_rewards
 from utils.errors import UserError
@@ -85,7 +85,8 @@ def test_kl_beta_is_zero_before_any_update_though_the_model_has_dropout(tmp_path
 def grpo_ratio(trainer, batch, loss, values):
     """exp(log-prob scored by the loop - log-prob of the same completions by the policy in the
     mode it sampled in, eval): the first update's ratio against the sampling policy."""
-    rollout, objective = batch["rollout"], trainer.objective
+    objective = trainer.objective
+    rollout = objective.rollout
     labels = rollout["labels"]
     model = trainer.model
     model.eval()
@@ -316,7 +317,7 @@ def test_grpo_runs_the_encoder_once_per_prompt_with_the_loss_unchanged(base_mode
     loss, _ = grpo.loss(model, batch, None)  # samples (generate encodes once), then scores
     handle.remove()
     assert rows == [3, 3]  # sampling's pass and the loss's: one row per prompt each (not 3 x 4)
-    rollout = batch["rollout"]
+    rollout = grpo.rollout
     loss.backward()
     reused = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
     model.zero_grad()

@@ -193,8 +193,8 @@ def test_more_iterations_reuse_the_samples_and_clip_from_the_second_update(base_
     enc = tokenizer(prompts, padding=True, return_tensors="pt", return_token_type_ids=False)
     batch = {**enc, "texts": {"prompt": prompts, "response": ["三千七百七十一", "1050"]}}
     optimizer = torch.optim.SGD(model.parameters(), lr=0.5)
-    for _ in range(3):
-        loss, values = grpo.loss(model, batch, None)
+    for update in range(3):
+        loss, values = grpo.loss(model, batch, None, update)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad()

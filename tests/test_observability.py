@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from config import load_config
-from conftest import as_args, cli, demo_rows, run_cli, stop_at_class, tiny_flags, train, write_rows
+from conftest import StopAt, as_args, cli, demo_rows, run_cli, tiny_flags, train, write_rows
 from model.dataset import TrainStream, epoch_batches, get_sources, get_train_loader, held_out
 from model.regression import Check, load_checks
 from utils.errors import UserError
@@ -16,7 +16,6 @@ from utils.logging import read_metrics
 from utils.tokenizer import load_tokenizer
 
 
-StopAt = stop_at_class()
 
 
 def summary(out):
@@ -63,12 +62,10 @@ def test_summary_and_plot_after_a_finished_and_a_stopped_run(tmp_path, data_dir,
     regression.write_text('{"prompt": "一千", "expect": "^", "match": "regex"}\n', encoding="utf-8")
     flags = tiny_flags(tmp_path, data_dir, tokenizer_dir, max_steps=6, eval_steps=3, regression_file=str(regression),
                        test_file=str(data_dir / "valid.parquet"))
-    StopAt.step = 3
-    train(flags, StopAt)
+    train(flags, hooks=[StopAt(3)])
     stopped = summary(flags["output_dir"])
     assert stopped["status"] == "stopped" and stopped["steps"] == 3 and stopped["settings"]["max_steps"] == 6
     assert_png(os.path.join(flags["output_dir"], "plots", "training.png"))
-    StopAt.step = None
     trainer = train({**flags, "is_keep_training": True})
     done = summary(flags["output_dir"])
     assert done["status"] == "finished" and done["steps"] == 6 and done["data"]["rows_trained"] == 6 * 8
@@ -107,9 +104,7 @@ def test_early_stopping_stops_at_the_right_evaluation_and_survives_a_resume(tmp_
     # Stopped after the evaluation at step 4 (one without improvement), then resumed: the count
     # was saved, so the run still ends at step 6, not at step 8.
     flags = tiny_flags(tmp_path / "b", data_dir, tokenizer_dir, **common)
-    StopAt.step = 5
-    assert train(flags, StopAt).progress.evals_without_improvement == 1
-    StopAt.step = None
+    assert train(flags, hooks=[StopAt(5)]).progress.evals_without_improvement == 1
     resumed = train({**flags, "is_keep_training": True})
     assert resumed.progress.step == 6 and summary(flags["output_dir"])["status"] == "early_stopped"
     with pytest.raises(UserError, match="needs an evaluation"):
@@ -117,7 +112,7 @@ def test_early_stopping_stops_at_the_right_evaluation_and_survives_a_resume(tmp_
 
 
 def test_a_regression_prompt_that_starts_failing_is_named(tmp_path, data_dir, tokenizer_dir, monkeypatch):
-    import model.trainer as trainer_module
+    import model.evaluation as evaluation_module
     checks_file = tmp_path / "regression.yaml"
     checks_file.write_text("- {name: thousand, prompt: 一千, expect: '1000'}\n"
                            "- {prompt: 二千, expect: '2', match: contains}\n", encoding="utf-8")
@@ -126,7 +121,7 @@ def test_a_regression_prompt_that_starts_failing_is_named(tmp_path, data_dir, to
     def answers(model, tokenizer, checks, max_new_tokens, device):  # the first passes, then fails
         calls.append(1)
         return [(checks[0], "1000" if len(calls) == 1 else "1001", len(calls) == 1), (checks[1], "20", True)]
-    monkeypatch.setattr(trainer_module, "run_checks", answers)
+    monkeypatch.setattr(evaluation_module, "run_checks", answers)
     flags = tiny_flags(tmp_path, data_dir, tokenizer_dir, max_steps=4, eval_steps=2, regression_file=str(checks_file))
     train(flags)
     rates = [r["eval/regression/pass_rate"] for r in read_metrics(flags["output_dir"]) if "eval/loss" in r]
@@ -185,9 +180,7 @@ def test_weighted_sources_keep_their_shares_and_a_resume_continues_the_mix(tmp_p
     # The steps counted ahead are the steps made (2 epochs of the mix).
     assert trainer.progress.step == trainer.total_steps == len(trace)
     flags = tiny_flags(tmp_path / "b", data_dir, tokenizer_dir, **common)
-    StopAt.step = 20
-    train(flags, StopAt)
-    StopAt.step = None
+    train(flags, hooks=[StopAt(20)])
     train({**flags, "is_keep_training": True})
     assert read_trace(flags["output_dir"]) == trace  # the same batches in the same order
     with open(os.path.join(flags["output_dir"], "train.log"), encoding="utf-8") as f:

@@ -14,7 +14,7 @@ from safetensors.torch import load_file
 
 import model.checkpoint as ckpt
 from config import load_config
-from conftest import ROOT, as_args, cli, run_cli, stop_at_class, tiny_flags, train, write_rows
+from conftest import ROOT, StopAt, as_args, cli, run_cli, tiny_flags, train, write_rows
 from utils.errors import UserError
 from utils.logging import read_metrics
 
@@ -130,8 +130,7 @@ def test_a_state_in_the_old_pickle_format_needs_an_explicit_opt_in(tmp_path, dat
     straight = tiny_flags(tmp_path / "a", data_dir, tokenizer_dir, max_steps=4, validation_file="")
     expected = weights(train(straight).cfg.output_dir)
     flags = tiny_flags(tmp_path / "b", data_dir, tokenizer_dir, max_steps=4, save_steps=1000, validation_file="")
-    StopAt.step, StopAt.in_final_saves = 2, False
-    trainer = train(flags, StopAt)
+    trainer = train(flags, hooks=[StopAt(2)])
     assert trainer.progress.step == 2
     shutil.rmtree(flags["train_state_dir"])
     legacy = os.path.join(flags["train_state_dir"], "step_00000002")
@@ -158,8 +157,7 @@ def test_a_damaged_newest_state_is_named_and_the_previous_one_used(tmp_path, dat
     straight = tiny_flags(tmp_path / "a", data_dir, tokenizer_dir, **common)
     expected = weights(train(straight).cfg.output_dir)
     flags = tiny_flags(tmp_path / "b", data_dir, tokenizer_dir, **common)
-    StopAt.step, StopAt.in_final_saves = 6, False
-    train(flags, StopAt)
+    train(flags, hooks=[StopAt(6)])
     newest = ckpt.list_states(flags["train_state_dir"])[-1]
     assert newest.endswith("step_00000006")
     if damage == "truncated weights":
@@ -213,14 +211,12 @@ def test_resuming_a_finished_run_writes_final_and_exits_0(one_state):
     assert trainer.progress.step == 2 and os.path.isdir(os.path.join(flags["output_dir"], "final"))
 
 
-StopAt = stop_at_class()
 
 
 @pytest.mark.parametrize("moment", ["last step", "final saves"])
 def test_a_run_stopped_at_its_very_end_completes_on_resume(tmp_path, data_dir, tokenizer_dir, moment):
     flags = tiny_flags(tmp_path, data_dir, tokenizer_dir, max_steps=4, test_file=str(data_dir / "valid.parquet"))
-    StopAt.step, StopAt.in_final_saves = (4, False) if moment == "last step" else (None, True)
-    stopped = train(flags, StopAt)
+    stopped = train(flags, hooks=[StopAt(4) if moment == "last step" else StopAt(in_final_saves=True)])
     assert stopped.progress.step == 4
     assert not os.path.exists(os.path.join(flags["output_dir"], "final"))
     proc = run_cli("train.py", "train", *as_args({**flags, "is_keep_training": True}))
@@ -231,13 +227,14 @@ def test_a_run_stopped_at_its_very_end_completes_on_resume(tmp_path, data_dir, t
 def test_sigterm_during_the_final_saves_still_ends_resumable(tmp_path, data_dir, tokenizer_dir):
     """A real SIGTERM while final/ is written: the process exits 0, and a resume completes the run."""
     flags = tiny_flags(tmp_path, data_dir, tokenizer_dir, max_steps=3, validation_file="")
-    code = ("import os, signal, sys; sys.argv = ['train.py', 'train'] + sys.argv[1:]; "
-            "import model.trainer as t; save = t.ChatTrainer._save_model\n"
-            "def slow(self, path):\n"
-            "    if path.endswith('final'): os.kill(os.getpid(), signal.SIGTERM)\n"
-            "    save(self, path)\n"
-            "t.ChatTrainer._save_model = slow\n"
-            "import train; from utils.cli import run_cli; run_cli(train.COMMANDS, 'train.py')")
+    code = ("import os, signal, sys\n"
+            "from config import load_config; from model.trainer import ChatTrainer\n"
+            "class Kill:\n"
+            "    def on_save(self, trainer, path):\n"
+            "        os.kill(os.getpid(), signal.SIGTERM)\n"
+            "import yaml; flags = {k: v if v == '' else yaml.safe_load(v) for k, v in "
+            "(a[2:].split('=', 1) for a in sys.argv[1:])}\n"
+            "ChatTrainer(load_config(**flags), hooks=[Kill()]).train()")
     proc = subprocess.run([sys.executable, "-c", code, *as_args(flags)], cwd=ROOT, capture_output=True, text=True,
                           timeout=300)
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
@@ -270,7 +267,7 @@ def test_a_non_finite_loss_stops_the_run_and_keeps_what_was_good(tmp_path, data_
 # ---- settings on resume, step totals ------------------------------------------------------
 
 def test_learn_rate_and_max_steps_changed_on_resume_take_effect(tmp_path, data_dir, tokenizer_dir):
-    from model.trainer import get_lr_lambda
+    from model.policy import get_lr_lambda
     flags = tiny_flags(tmp_path, data_dir, tokenizer_dir, max_steps=4, warmup_steps=2, learn_rate=1e-3,
                        validation_file="")
     train(flags)
@@ -469,8 +466,7 @@ def test_auto_resume_starts_fresh_then_resumes_with_the_same_command(tmp_path, d
     flags = tiny_flags(tmp_path / "b", data_dir, tokenizer_dir, max_steps=6, save_steps=2, validation_file="",
                        is_keep_training="auto")
     os.makedirs(os.path.join(flags["train_state_dir"], "step_00000002.tmp"))  # a save killed at once: no state
-    StopAt.step, StopAt.in_final_saves = 3, False
-    first = train(flags, StopAt)
+    first = train(flags, hooks=[StopAt(3)])
     assert first.resume_from is None and first.progress.step == 3
     again = train(flags)
     assert again.resume_from.endswith("step_00000003") and again.progress.step == 6

@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from config import load_config
-from conftest import demo_rows, stop_at_class, tiny_flags, train, write_rows
+from conftest import StopAt, demo_rows, tiny_flags, train, write_rows
 from model.dataset import TrainStream, get_train_loader
 from model.objectives import Seq2Seq
 from utils.errors import UserError
@@ -16,7 +16,6 @@ from utils.logging import read_metrics
 from utils.tokenizer import load_tokenizer
 
 
-StopAt = stop_at_class()
 
 
 def padded_tokens(batch):
@@ -68,9 +67,7 @@ def test_resume_with_a_token_budget_matches_an_uninterrupted_run(tmp_path, data_
                   validation_file="", pad_to_multiple_of=8)
     straight = train(tiny_flags(tmp_path / "a", data_dir, tokenizer_dir, **common))
     flags = tiny_flags(tmp_path / "b", data_dir, tokenizer_dir, **common)
-    StopAt.step = 9
-    assert train(flags, StopAt).progress.step == 9
-    StopAt.step = None
+    assert train(flags, hooks=[StopAt(9)]).progress.step == 9
     resumed = train({**flags, "is_keep_training": True})
     traces = []
     for t in (straight, resumed):

@@ -11,9 +11,11 @@ import torch
 from safetensors.torch import load_file
 
 from config import TrainConfig, load_config
-from conftest import MODES, ROOT, as_dpo_file, as_args, cli, mode_flags, run_cli, tiny_flags, write_rows
+from conftest import MODES, ROOT, as_dpo_file, as_args, cli, free_port, mode_flags, run_cli, tiny_flags, write_rows
 from model.evaluation import evaluate
-from model.trainer import ChatTrainer, get_lr_lambda, get_optimizer
+from model.policy import get_lr_lambda, get_optimizer
+from model.run import Run
+from model.trainer import ChatTrainer
 
 
 @pytest.fixture(autouse=True)
@@ -88,7 +90,7 @@ def test_the_learning_rate_is_really_applied(optimizer):
         torch.manual_seed(0)
         model = torch.nn.Linear(4, 4)
         start = model.weight.detach().clone()
-        opt = get_optimizer(model, TrainConfig(optimizer=optimizer, learn_rate=lr, weight_decay=0.0))
+        opt = get_optimizer(list(model.parameters()), TrainConfig(optimizer=optimizer, learn_rate=lr, weight_decay=0.0))
         model(torch.ones(2, 4)).sum().backward()
         opt.step()
         moves.append((model.weight.detach() - start).abs().sum().item())
@@ -175,7 +177,7 @@ def test_bleu_pools_every_batch(tmp_path, tokenizer_dir):
                tok(wrong, padding=True, return_tensors="pt").input_ids]
     accelerator = Accelerator(cpu=True)
     loader = accelerator.prepare(get_eval_loader(dataset, 2))
-    result = evaluate(FakeSeq2Seq(answers), loader, accelerator, tok, 16)
+    result = evaluate(FakeSeq2Seq(answers), loader, Run(accelerator), tok, 16)
     assert result["hypotheses"] == in_order[:2] + wrong
     pooled = bleu4(in_order, in_order[:2] + wrong)
     assert result["metrics"]["bleu4"] == pytest.approx(pooled)
@@ -301,7 +303,8 @@ def test_two_processes_train_and_save_a_loadable_model(tmp_path, data_dir, token
     flags = tiny_flags(tmp_path, data_dir, tokenizer_dir, max_steps=4, trace_samples=True)
     # The shipped DDP config: `accelerate launch --cpu` would start one process unless MPI is set
     # up; MULTI_GPU starts two through torchrun, and without a GPU the trainer joins them over gloo.
-    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--config_file",
+    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(free_port()),
+                           "--config_file",
                            os.path.join(ROOT, "configs", "accelerate", "ddp.yaml"),
                            "train.py", "train", *as_args(flags)], cwd=ROOT, capture_output=True, text=True,
                           timeout=600)
@@ -387,7 +390,7 @@ def test_a_run_without_validation_file_or_tensorboard_works(tmp_path, data_dir, 
 def launch_two(flags):
     return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu", "--num_processes", "2",
             "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
-            "train.py", "train", *as_args(flags)]
+            "--main_process_port", str(free_port()), "train.py", "train", *as_args(flags)]
 
 
 def traced_rows(out_dir):

@@ -1,0 +1,247 @@
+"""What trains, and the model it is kept close to: built in one place, saved in one place.
+
+- What trains (`trainable`): `all`; `decoder` (the shared embedding, tied to the output head, and
+  the encoder frozen: the original's finetune); `lora` (peft adapters on `lora_target_modules`,
+  checked against the model's linear layers). The optimizer and clipping see only trainable
+  parameters.
+- The reference, for objectives that need one (DPO, kl_beta, GRPO with grpo_beta): under LoRA the
+  policy itself with its adapters disabled (no second copy in memory); otherwise a frozen copy of
+  the starting model, made before gradient checkpointing and the peft wrap so it is the plain
+  model, in eval mode, without gradients, out of the optimizer, and prepared by Accelerate in
+  evaluation mode so it runs under the policy's precision.
+- Dropout off (`disable_dropout`; auto: for objectives that compare the policy with itself or a
+  reference), so the difference they train on is not noise.
+- The save: a directory that AutoModelForSeq2SeqLM and AutoTokenizer load alone; under LoRA the
+  merged model, and the adapter in peft's format beside it.
+- The optimizer and the learning-rate schedule of what trains.
+"""
+import copy
+import math
+import os
+
+import torch
+from peft import LoraConfig, PeftModel, get_peft_model
+from safetensors import SafetensorError
+from safetensors.torch import load_file
+from transformers import T5Config
+from transformers.optimization import Adafactor
+
+from config import T5ModelConfig, TrainConfig
+from model.chat_model import TextToTextModel, disable_dropout, get_generation_config, get_t5_config
+from utils.errors import UserError
+from utils.files import atomic_dir, describe_error
+
+
+class Reference:
+    """The model the policy is kept close to, read only: a frozen copy of the starting model, or
+    (under LoRA) the policy itself with its adapters disabled. Always in eval mode, no grad."""
+
+    def __init__(self, model: torch.nn.Module | None = None, policy=None):
+        self.model, self.policy = model, policy  # exactly one is set
+
+    @torch.no_grad()
+    def __call__(self, **inputs):
+        if self.model is not None:
+            return self.model(**inputs)
+        policy = self.policy()  # the unwrapped peft model
+        training = policy.training
+        policy.eval()
+        try:
+            with policy.disable_adapter():
+                return policy(**inputs)
+        finally:
+            policy.train(training)
+
+
+def freeze_for_finetune(model: TextToTextModel) -> None:
+    """Freeze the shared embedding (tied to the output head) and the whole encoder."""
+    model.shared.requires_grad_(False)
+    model.encoder.requires_grad_(False)
+
+
+def lora_targets(model: torch.nn.Module, names: list[str]) -> list[str]:
+    """`lora_target_modules` as names of this model's linear layers. `wi` also means the gated
+    feed-forward's `wi_0` and `wi_1` (T5 v1.1, FLAN-T5); a name matching no linear layer is an
+    error naming those there are, instead of fewer layers adapted than asked."""
+    linear = sorted({n.rsplit(".", 1)[-1] for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)})
+    targets = []
+    for name in names:
+        if name in linear:
+            targets.append(name)
+        elif name == "wi" and {"wi_0", "wi_1"} <= set(linear):
+            targets += ["wi_0", "wi_1"]
+        else:
+            raise UserError(f"--lora_target_modules: {name!r} matches no linear layer of this model; "
+                            f"its linear layers are {', '.join(linear)}")
+    return list(dict.fromkeys(targets))
+
+
+def set_trainable(model: TextToTextModel, cfg: TrainConfig):
+    """`model` with what trains set: decoder freezes the rest, lora wraps it in peft adapters."""
+    if cfg.trains == "decoder":
+        freeze_for_finetune(model)
+    elif cfg.trains == "lora":
+        model = get_peft_model(model, LoraConfig(
+            r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="SEQ_2_SEQ_LM",
+            target_modules=lora_targets(model, cfg.lora_target_modules)))
+    return model
+
+
+def shape_model(cfg: TrainConfig, vocab_size: int):
+    """The model before any weights are loaded (the checkpoint's shape when starting from a
+    directory), with what trains set: built on the meta device, it tells a run's shape and size."""
+    if os.path.isdir(cfg.start_from):
+        config = T5Config.from_pretrained(cfg.start_from)
+    else:
+        config = get_t5_config(T5ModelConfig.preset(cfg.preset), vocab_size)
+    return set_trainable(TextToTextModel(config), cfg)
+
+
+def load_start_model(path: str, cfg: TrainConfig, tokenizer) -> TextToTextModel:
+    """The model to start from: a saved model directory, or a .safetensors state dict for the
+    model_size preset."""
+    vocab_size = len(tokenizer)
+    if os.path.isdir(path):
+        try:
+            model = TextToTextModel.from_pretrained(path)
+        except (OSError, ValueError, SafetensorError) as err:
+            raise UserError(f"cannot load the model in {path} ({describe_error(err)}); "
+                            "point --init_from at a directory written by `train`") from None
+    else:
+        model = TextToTextModel(get_t5_config(T5ModelConfig.preset(cfg.preset), vocab_size))
+        try:
+            missing, unexpected = model.load_state_dict(load_file(path), strict=False)
+        except RuntimeError as err:
+            raise UserError(f"{path} does not fit --model_size={cfg.preset} with this tokenizer "
+                            f"({str(err).splitlines()[1].strip()}); pick the model_size it was trained with") from None
+        except (SafetensorError, OSError) as err:
+            raise UserError(f"cannot read {path} ({describe_error(err)}); give an intact .safetensors file") from None
+        missing = [k for k in missing if k not in ("encoder.embed_tokens.weight", "decoder.embed_tokens.weight",
+                                                   "lm_head.weight")]
+        if missing or unexpected:
+            raise UserError(f"{path} does not fit --model_size={cfg.preset}: "
+                            f"{len(missing)} missing and {len(unexpected)} unexpected tensors")
+    if model.config.vocab_size < vocab_size:
+        raise UserError(f"checkpoint {path} has {model.config.vocab_size} embeddings but the tokenizer has "
+                        f"{vocab_size} tokens; use the tokenizer it was trained with (--tokenizer_dir)")
+    return model
+
+
+class Policy:
+    """The model being trained (prepared by Accelerate) and its reference (see the module docstring)."""
+
+    def __init__(self, cfg: TrainConfig, objective, tokenizer, accelerator, logger):
+        self.cfg, self.accelerator = cfg, accelerator
+        if cfg.start_from:  # on resume too: the checkpoint gives the shape, the state the weights
+            model = load_start_model(cfg.start_from, cfg, tokenizer)
+            logger.info(f"starting from {cfg.start_from}")
+        else:
+            model = TextToTextModel(get_t5_config(T5ModelConfig.preset(cfg.preset), len(tokenizer)))
+        model.generation_config = get_generation_config(cfg.max_seq_len)
+        if cfg.attn_implementation != "eager":
+            model.set_attn_implementation(cfg.attn_implementation)
+        # Before checkpointing and the peft wrap: the copy is the plain model.
+        frozen = copy.deepcopy(model).eval().requires_grad_(False).to(accelerator.device) \
+            if objective.needs_reference and cfg.trains != "lora" else None
+        if cfg.gradient_checkpointing:
+            model.gradient_checkpointing_enable()
+            model.config.use_cache = False
+            if cfg.trains == "lora":
+                model.enable_input_require_grads()  # checkpointed blocks need an input that requires grad
+        self.model = set_trainable(model, cfg)
+        if cfg.dropout_off:
+            # Against a reference, or sampled in eval mode and scored in train mode, dropout is
+            # noise in the very difference being trained (TRL's disable_dropout, on by default).
+            switched = disable_dropout(self.model)
+            if switched:
+                logger.info(f"dropout off in {switched} modules (--disable_dropout={cfg.disable_dropout})")
+        self.reference = None
+        if objective.needs_reference:
+            self.reference = Reference(model=frozen) if frozen is not None else Reference(policy=self.unwrapped)
+        trainable = sum(p.numel() for p in self.trainable_params())
+        total = sum(p.numel() for p in self.model.parameters())
+        shape = self.model.config
+        logger.info(f"model: d_model {shape.d_model}, {shape.num_layers}+{shape.num_decoder_layers} layers, "
+                    f"{total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable ({cfg.trains}), "
+                    f"objective {objective.name}" + (", with a reference" if self.reference else ""))
+
+    def prepare(self, optimizer, eval_loader):
+        """The model, optimizer and evaluation loader through accelerator.prepare (DDP, device,
+        precision, compile); the frozen reference through prepare_model in evaluation mode (as TRL):
+        the policy's precision, no DDP wrapper. The training loader is not prepared: each process
+        reads its own shard already."""
+        acc = self.accelerator
+        self.model, optimizer, eval_loader = acc.prepare(self.model, optimizer, eval_loader)
+        if self.reference is not None and self.reference.model is not None:
+            self.reference.model = acc.prepare_model(self.reference.model, evaluation_mode=True)
+        return optimizer, eval_loader
+
+    def unwrapped(self):
+        """The model being trained without its DDP and compile wrappers (its parameters are the
+        same tensors): what is saved and loaded, under plain parameter names."""
+        return self.accelerator.unwrap_model(self.model, keep_torch_compile=False)
+
+    def trainable_params(self) -> list:
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def save_together(self, run, path: str, tokenizer) -> None:
+        """Collective (through `run`): every process waits, the main one writes the directory."""
+        run.wait()
+        run.on_main(self.save, path, tokenizer)
+
+    def save(self, path: str, tokenizer) -> None:
+        """A directory that AutoModelForSeq2SeqLM and AutoTokenizer load with nothing else
+        (main process only; the trainer calls it through Run.on_main)."""
+        model = self.unwrapped()
+        with atomic_dir(path) as tmp:
+            if isinstance(model, PeftModel):
+                # The merged model for every tool, and the adapter in peft's format beside it. The
+                # merge runs on a copy: merging in place and back would change the weights' bits.
+                model.save_pretrained(os.path.join(tmp, "adapter"))
+                copy.deepcopy(model).merge_and_unload().save_pretrained(tmp, safe_serialization=True)
+            else:
+                model.save_pretrained(tmp, safe_serialization=True)
+            tokenizer.save_pretrained(tmp)
+
+
+# ---- optimisation of what trains -------------------------------------------------------------
+
+def get_optimizer(params: list, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """AdamW, or Adafactor with a fixed, really applied learning rate. Only trainable parameters
+    go in: a finetune's frozen encoder holds no optimizer state."""
+    if cfg.optimizer == "adafactor":
+        # relative_step=False: the original left it True, which ignores lr altogether.
+        return Adafactor(params, lr=cfg.learn_rate, relative_step=False, scale_parameter=False,
+                         warmup_init=False)
+    decay = [p for p in params if p.ndim >= 2]
+    no_decay = [p for p in params if p.ndim < 2]  # layer norms
+    # fused: one kernel for all parameters on CUDA instead of a loop of small ones
+    fused = bool(params) and all(p.device.type == "cuda" for p in params) or None
+    return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
+                              {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learn_rate, fused=fused)
+
+
+def optimizer_state_bytes(model: torch.nn.Module, optimizer: str) -> int:
+    """Bytes of optimizer state for the trainable parameters (fp32): AdamW keeps two copies,
+    Adafactor a row and a column vector per matrix."""
+    total = 0
+    for p in model.parameters():
+        if p.requires_grad:
+            total += 8 * p.numel() if optimizer == "adamw" else 4 * (sum(p.shape[-2:]) if p.ndim >= 2 else p.numel())
+    return total
+
+
+def get_lr_lambda(total_steps: int, warmup_steps: int, div_factor: float):
+    """Multiplier of learn_rate at optimizer step s (0-based), as in the original OneCycle:
+    linear warmup from 1/div_factor to 1 over warmup_steps, then a cosine back down to
+    1/div_factor at total_steps, held there beyond."""
+    low = 1.0 / div_factor
+    warmup = min(warmup_steps, total_steps // 2)
+
+    def lr_lambda(step: int) -> float:
+        if step < warmup:
+            return low + (1.0 - low) * step / warmup
+        progress = min(1.0, (step - warmup) / max(1, total_steps - warmup))
+        return low + (1.0 - low) * 0.5 * (1.0 + math.cos(math.pi * progress))
+
+    return lr_lambda
