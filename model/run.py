@@ -9,6 +9,7 @@ best/, summary.json) goes through `Run.on_main`, which every process calls: the 
 runs it and every process gets its result or its error.
 """
 import dataclasses
+import gc
 import signal
 import time
 import typing
@@ -175,6 +176,12 @@ class Run:
         if self.accelerator.num_processes > 1:
             torch.distributed.barrier()
             torch.distributed.barrier(group=self.flag_group)
+            # gloo runs its collectives on two threads: the last collective's tensors may still be
+            # freed by one of them (which needs the GIL) after the barrier returned on the other.
+            # Freeing what Python holds and sleeping lets it finish before Accelerate destroys the
+            # groups, which waits for those threads with the GIL held.
+            gc.collect()
+            time.sleep(0.2)
 
     def main_first(self):
         """Collective: a context in which the main process runs first, the others after it."""

@@ -75,6 +75,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def launch(cmd, timeout=300, text=True):
+    """Run a multi-process launch (accelerate launch ...) to its end, like subprocess.run with
+    captured output. A launch still running at `timeout` is a hang: every process of it dumps
+    its threads' Python stacks (faulthandler, on SIGABRT) into the output the test then fails
+    with, so a deadlock seen once on CI says where it was."""
+    import signal
+
+    import psutil
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=text,
+                            env={**os.environ, "PYTHONFAULTHANDLER": "1", "PYTHONUNBUFFERED": "1"})
+    try:
+        out, err = proc.communicate(timeout=timeout)
+    except subprocess.TimeoutExpired:
+        for child in psutil.Process(proc.pid).children(recursive=True):
+            child.send_signal(signal.SIGABRT)
+        try:
+            out, err = proc.communicate(timeout=30)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            out, err = proc.communicate()
+        raise AssertionError(f"{' '.join(map(str, cmd[:8]))} ... hung for {timeout} s; its stacks:\n"
+                             f"{out[-6000:]}\n{err[-12000:]}")
+    return subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+
+
 def as_args(flags):
     return [f"--{k}={v}" for k, v in flags.items()]
 

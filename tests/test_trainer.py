@@ -11,7 +11,7 @@ import torch
 from safetensors.torch import load_file
 
 from config import TrainConfig, load_config
-from conftest import MODES, ROOT, as_dpo_file, as_args, cli, free_port, mode_flags, run_cli, tiny_flags, write_rows
+from conftest import MODES, ROOT, as_dpo_file, as_args, cli, free_port, launch, mode_flags, run_cli, tiny_flags, write_rows
 from model.evaluation import evaluate
 from model.policy import get_lr_lambda, get_optimizer
 from model.run import Run
@@ -303,11 +303,9 @@ def test_two_processes_train_and_save_a_loadable_model(tmp_path, data_dir, token
     flags = tiny_flags(tmp_path, data_dir, tokenizer_dir, max_steps=4, trace_samples=True)
     # The shipped DDP config: `accelerate launch --cpu` would start one process unless MPI is set
     # up; MULTI_GPU starts two through torchrun, and without a GPU the trainer joins them over gloo.
-    proc = subprocess.run([sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(free_port()),
-                           "--config_file",
-                           os.path.join(ROOT, "configs", "accelerate", "ddp.yaml"),
-                           "train.py", "train", *as_args(flags)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
+    proc = launch([sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(free_port()),
+                   "--config_file", os.path.join(ROOT, "configs", "accelerate", "ddp.yaml"),
+                   "train.py", "train", *as_args(flags)])
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     assert "2 process(es)" in proc.stdout
     rows = [set(), set()]
@@ -421,7 +419,7 @@ def test_two_processes_two_workers_train_on_every_row_once(tmp_path, uneven_file
     flags = tiny_flags(tmp_path, data_dir, tokenizer_dir, num_workers=2, batch_size_per_gpu=4,
                        dataloader_buffer_size=16, trace_samples=True,
                        **{**mode_data(mode, base_model, data_dir, tmp_path, train_file=path), "validation_file": ""})
-    proc = subprocess.run(launch_two(flags), cwd=ROOT, capture_output=True, text=True, timeout=600)
+    proc = launch(launch_two(flags))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = traced_rows(flags["output_dir"])
     seen = [i for rank in ranks for batch in rank for i in batch]
@@ -440,7 +438,7 @@ def test_two_processes_resume_mid_epoch_continues_with_the_unseen_rows(tmp_path,
     common = dict(train_file=path, num_workers=2, batch_size_per_gpu=4, dataloader_buffer_size=16,
                   trace_samples=True, validation_file="", epochs=2)
     straight = tiny_flags(tmp_path / "a", data_dir, tokenizer_dir, **common)
-    assert subprocess.run(launch_two(straight), cwd=ROOT, capture_output=True, timeout=600).returncode == 0
+    assert launch(launch_two(straight)).returncode == 0
     flags = tiny_flags(tmp_path / "b", data_dir, tokenizer_dir, **common)
     launcher = subprocess.Popen(launch_two(flags), cwd=ROOT, text=True, stdout=subprocess.PIPE,
                                 stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
@@ -458,8 +456,7 @@ def test_two_processes_resume_mid_epoch_continues_with_the_unseen_rows(tmp_path,
     out = "".join(lines)
     stopped = int(re.search(r"stopped at step (\d+)", out).group(1))
     assert 8 <= stopped < 25  # mid-epoch 0 (about 24 steps an epoch)
-    resumed = subprocess.run(launch_two({**flags, "is_keep_training": True}), cwd=ROOT, capture_output=True,
-                             text=True, timeout=600)
+    resumed = launch(launch_two({**flags, "is_keep_training": True}))
     assert resumed.returncode == 0, resumed.stdout[-3000:] + resumed.stderr[-3000:]
     assert f"step {stopped + 1}/" in resumed.stdout
     # Interrupted + resumed = uninterrupted, batch for batch, on each process.
