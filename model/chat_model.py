@@ -6,6 +6,7 @@ The encoder input is the raw prompt followed by [EOS]; there is no chat template
 """
 import torch
 from transformers import GenerationConfig, T5Config, T5ForConditionalGeneration
+from transformers.masking_utils import create_bidirectional_mask
 
 from config import T5ModelConfig
 
@@ -69,6 +70,8 @@ class TextToTextModel(T5ForConditionalGeneration):
         rows per encoder row, consecutive: the encoder runs once per prompt and its output is
         repeated, instead of the prompt being repeated and encoded r times (GRPO's groups). Through
         forward, so a DDP or FSDP wrapper sees one call."""
+        if kwargs.get("labels") is not None and attention_mask is not None and attention_mask.dim() == 2:
+            attention_mask = self.padding_mask(attention_mask)
         if encoder_repeats > 1:
             if encoder_outputs is None:
                 encoder_outputs = self.encoder(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
@@ -78,6 +81,16 @@ class TextToTextModel(T5ForConditionalGeneration):
                 attention_mask = attention_mask.repeat_interleave(encoder_repeats, 0)
         return super().forward(input_ids=input_ids, attention_mask=attention_mask, encoder_outputs=encoder_outputs,
                                **kwargs)
+
+    def padding_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
+        """The (B, S) padding mask as the (B, 1, 1, S) mask the attention implementation takes,
+        for the encoder and the cross-attention alike. Given the 2D mask, transformers asks
+        `mask.all()` on each of the two, to skip the mask when nothing is padded: a host sync each
+        (T5's position bias is an attention mask anyway, so the skip gains nothing). Made here,
+        the same mask is passed on as it is."""
+        shape = torch.empty(attention_mask.shape[0], 1, 0, dtype=self.dtype, device=attention_mask.device)
+        return create_bidirectional_mask(config=self.config, inputs_embeds=shape, attention_mask=attention_mask,
+                                         allow_is_bidirectional_skip=False)
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         # config.json names the class other tools know (converters, serving engines map

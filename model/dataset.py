@@ -380,15 +380,16 @@ class TrainStream(IterableDataset):
         # What the training process has taken so far; the workers hold copies of the above.
         self.consumed, self.next_worker = dict(self.positions), first_worker
 
-    def advance(self, batch: dict) -> tuple[torch.Tensor, int, int]:
+    def advance(self, batch: dict) -> tuple[torch.Tensor, int, int, int]:
         """Take the metadata off a batch the trainer is about to use and move the position past it.
 
-        Returns the batch's global row indices, the empty rows skipped before it and its source.
+        Returns the batch's global row indices, the empty rows skipped before it, its source and
+        its tokens (the objective's count_tokens).
         """
         rows, (shard, where), skipped = batch.pop("row_index"), batch.pop("position"), batch.pop("skipped")
         self.consumed[shard] = where
         self.next_worker = (shard - self.rank * self.workers + 1) % self.workers
-        return rows, skipped, batch.pop("source", 0)
+        return rows, skipped, batch.pop("source", 0), batch.pop("counts")[0]
 
     def state_dict(self) -> dict:
         """This process's position: the epoch, where each shard stands, the next worker. JSON."""
@@ -479,7 +480,10 @@ class TrainStream(IterableDataset):
             for j, idx in enumerate(batches):
                 if k == window and j < done:
                     continue
-                batch = self.objective.collate({c: [ids[c][i] for i in idx] for c in self.columns})
+                picked = {c: [ids[c][i] for i in idx] for c in self.columns}
+                batch = self.objective.collate(picked)
+                # Counted here, from the id arrays: the loop never reads a tensor to know them.
+                batch["counts"] = (self.objective.count_tokens(picked), self.objective.loss_units(picked))
                 if raw:
                     batch["texts"] = {c: [raw[c][i] for i in idx] for c in raw}
                 batch["row_index"] = torch.from_numpy(rows[idx])

@@ -56,8 +56,10 @@ class Objective(Protocol):
     def set_tokenizer(self, tokenizer) -> None: ...
     def usable_rows(self, texts: dict) -> np.ndarray: ...  # which rows of {column: texts} train
     def collate(self, rows: dict) -> dict: ...  # {column: [token ids]} -> padded tensors
-    def count_tokens(self, batch: dict) -> int: ...  # non-pad tokens, for throughput
-    def loss_units(self, batch: dict) -> int: ...  # what the loss is a mean over (tokens, pairs, prompts)
+    # Counted from the token id arrays where the batch is built (the DataLoader workers), never
+    # from its tensors: the loop reads no tensor on the host between log steps.
+    def count_tokens(self, rows: dict) -> int: ...  # {column: [token ids]} -> tokens, for throughput
+    def loss_units(self, rows: dict) -> int: ...  # what the loss is a mean over (tokens, pairs, prompts)
     def loss(self, model, batch: dict, reference, update: int = 0) -> tuple[torch.Tensor, dict]: ...
     def take_signal(self) -> bool | None: ...  # whether the micro-batches since the last call could teach
     def eval_rows(self, model, batch: dict, reference) -> dict: ...  # per-row sums, gathered
@@ -92,10 +94,9 @@ def prompt_response_batch(rows: dict, multiple: int = 1) -> dict:
     return {**encoder_inputs(rows["prompt"], multiple), "labels": pad(rows["response"], LABEL_PAD, multiple)}
 
 
-def batch_tokens(batch: dict) -> int:
-    """Non-pad prompt tokens and label tokens of a batch."""
-    labels = int((batch["labels"] != LABEL_PAD).sum()) if "labels" in batch else 0
-    return int(batch["attention_mask"].sum()) + labels
+def row_tokens(rows: dict, *columns: str) -> int:
+    """Tokens of `columns` (all: none given) in {column: [token ids]}, as collate pads them."""
+    return sum(len(ids) for c in columns or rows for ids in rows[c])
 
 
 def token_logps(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
@@ -181,13 +182,13 @@ class Seq2Seq:
     def collate(self, rows: dict) -> dict:
         return prompt_response_batch(rows, self.pad_multiple)
 
-    def count_tokens(self, batch: dict) -> int:
-        return batch_tokens(batch)
+    def count_tokens(self, rows: dict) -> int:
+        return row_tokens(rows)
 
-    def loss_units(self, batch: dict) -> int:
+    def loss_units(self, rows: dict) -> int:
         """What the loss is a mean over, counted in a batch: the target tokens. The loop weights
         each micro-batch by it, so an optimizer step's loss is the mean over all its units."""
-        return int((batch["labels"] != LABEL_PAD).sum())
+        return row_tokens(rows, "response")
 
     def loss(self, model, batch: dict, reference, update: int = 0) -> tuple[torch.Tensor, dict]:
         out = model(**batch)
@@ -285,12 +286,12 @@ class DPO:
         return {**encoder_inputs(rows["prompt"], self.pad_multiple),
                 "labels": pad(rows["chosen"] + rows["rejected"], LABEL_PAD, self.pad_multiple)}
 
-    def count_tokens(self, batch: dict) -> int:
-        return int(batch["attention_mask"].sum()) + int((batch["labels"] != LABEL_PAD).sum())
+    def count_tokens(self, rows: dict) -> int:
+        return row_tokens(rows)
 
-    def loss_units(self, batch: dict) -> int:
+    def loss_units(self, rows: dict) -> int:
         """The loss is a mean over pairs."""
-        return int(batch["input_ids"].shape[0])
+        return len(rows["prompt"])
 
     def logps(self, model, batch: dict, nll: bool = False):
         """(2B,) log-probs of chosen then rejected: one forward over the stacked batch. With
@@ -445,12 +446,12 @@ class GRPO:
             return prompt_response_batch(rows, self.pad_multiple)
         return encoder_inputs(rows["prompt"], self.pad_multiple)
 
-    def count_tokens(self, batch: dict) -> int:
-        return batch_tokens(batch)
+    def count_tokens(self, rows: dict) -> int:
+        return row_tokens(rows)
 
-    def loss_units(self, batch: dict) -> int:
+    def loss_units(self, rows: dict) -> int:
         """Prompts: the loss is a mean within the batch's samples, and batches weigh by prompts."""
-        return int(batch["input_ids"].shape[0])
+        return len(rows["prompt"])
 
     @torch.no_grad()
     def eval_rows(self, model, batch: dict, reference) -> dict:
@@ -557,7 +558,9 @@ class GRPO:
         sample_seconds = time.perf_counter() - started
         self._last_call = time.perf_counter()
         rewards, reward_means = self.score(batch, labels)
+        grouped = rewards.numpy().reshape(-1, self.group_size)  # on the host: the rewards were computed there
         return {"labels": labels, "rewards": rewards, "reward_means": reward_means,
+                "signal": bool((grouped.max(1) != grouped.min(1)).any()),
                 "advantages": self.advantages(rewards).to(labels.device), "old_logps": None,
                 "sample_seconds": sample_seconds, "train_seconds": train_seconds}
 
@@ -588,8 +591,8 @@ class GRPO:
         old, ref = rollout["old_logps"], rollout.get("ref_logps")
         mask = labels != LABEL_PAD
         loss, stats = self.policy_loss(logps, old, advantages, mask, ref)
-        grouped = rewards.view(-1, g)  # on the host: the rewards were computed there
-        self._signal = self._signal or bool((grouped.max(1).values != grouped.min(1).values).any())
+        self._signal = self._signal or rollout["signal"]
+        grouped = rewards.view(-1, g)
         device = loss.device
         tokens = mask.sum()
         values = {"loss": loss.detach(), "reward": rewards.mean(), "reward_std": rewards.std(),

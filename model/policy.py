@@ -215,10 +215,60 @@ def get_optimizer(params: list, cfg: TrainConfig) -> torch.optim.Optimizer:
                          warmup_init=False)
     decay = [p for p in params if p.ndim >= 2]
     no_decay = [p for p in params if p.ndim < 2]  # layer norms
-    # fused: one kernel for all parameters on CUDA instead of a loop of small ones
-    fused = bool(params) and all(p.device.type == "cuda" for p in params) or None
+    # fused: one kernel for all parameters instead of a loop of small ones, and it takes
+    # `found_inf` (a device tensor) so a non-finite step is skipped without the host asking.
+    fused = bool(params) and all(p.device.type in fused_devices() for p in params) or None
     return torch.optim.AdamW([{"params": decay, "weight_decay": cfg.weight_decay},
                               {"params": no_decay, "weight_decay": 0.0}], lr=cfg.learn_rate, fused=fused)
+
+
+def fused_devices() -> tuple:
+    try:
+        from torch.utils._foreach_utils import _get_fused_kernels_supported_devices
+        return tuple(_get_fused_kernels_supported_devices())
+    except ImportError:
+        return ("cuda",)
+
+
+def skips_on_device(optimizer) -> bool:
+    """Whether the optimizer skips a step itself when its `found_inf` is 1 (fused AdamW)."""
+    inner = getattr(optimizer, "optimizer", optimizer)  # Accelerate's wrapper
+    return isinstance(inner, torch.optim.AdamW) and bool(inner.defaults.get("fused"))
+
+
+class NonFiniteSteps:
+    """Which optimizer steps had a non-finite gradient norm, counted on the device.
+
+    `record` is called at each step and reads nothing on the host: a step is skipped by the
+    optimizer (`found_inf`), and the counts below stay on the device until `take`, which the loop
+    calls only where it syncs anyway (log steps, saves, the end). They are, as float64 (exact
+    for counts): bad steps in a row now; the step (1-based) at which the row first reached
+    `limit` (0: not yet); whether a finite step came before that; bad steps since the last take;
+    the last bad step; its gradient norm.
+    """
+
+    def __init__(self, device, limit: int):
+        self.limit, self.device = limit, device
+        self.counts = torch.tensor([0, 0, 0, 0, 0, 0], dtype=torch.float64, device=device)
+
+    def record(self, grad_norm: torch.Tensor, step: int) -> torch.Tensor:
+        """Count step `step` (0-based); returns 1.0 where it was not finite, else 0.0 (a device scalar)."""
+        c, norm = self.counts, grad_norm.detach().double()
+        bad = (~torch.isfinite(norm)).double()
+        row = (c[0] + 1) * bad
+        tripped = c[1] > 0
+        reached = torch.where(tripped, c[1], torch.where(row >= self.limit, step + 1.0, 0.0))
+        finite_first = torch.maximum(c[2], (1 - bad) * (~tripped).double())
+        last = torch.where(bad > 0, torch.tensor(step + 1.0, dtype=torch.float64, device=c.device), c[4])
+        self.counts = torch.stack([row, reached, finite_first, c[3] + bad, last, torch.where(bad > 0, norm, c[5])])
+        return bad
+
+    def take(self) -> dict:
+        """The counts since the last take (one host read), and start the next window."""
+        row, reached, finite_first, skipped, last, norm = self.counts.tolist()
+        self.counts = torch.tensor([row, 0, 0, 0, 0, 0], dtype=torch.float64, device=self.device)
+        return {"in_a_row": int(row), "limit_reached_at": int(reached), "finite_before": bool(finite_first),
+                "skipped": int(skipped), "last": int(last), "norm": norm}
 
 
 def optimizer_state_bytes(model: torch.nn.Module, optimizer: str) -> int:

@@ -31,6 +31,7 @@ class TrainingProgress:
     samples: int = 0
     tokens: int = 0  # non-pad tokens, prompts and responses, all processes
     rows_skipped: int = 0  # empty prompt/response rows dropped by the data stream
+    skipped_updates: int = 0  # optimizer steps not applied: their gradient norm was not finite
     best_score: float | None = None  # best_metric of best/
     best_metric: str | None = None  # the metric best_score is of (None in states saved before it was kept)
     best_step: int = -1

@@ -11,7 +11,6 @@ benchmarks and users extend it with hooks (`Hooks`), never by subclassing it.
 """
 import dataclasses
 import json
-import math
 import os
 import signal
 import sys
@@ -25,7 +24,7 @@ import model.checkpoint as ckpt
 from config import TrainConfig
 from model.dataset import get_stream, get_tokenizer, get_train_loader, prefetch
 from model.evaluation import Evaluator, compiled_graphs
-from model.policy import Policy, get_lr_lambda, get_optimizer
+from model.policy import NonFiniteSteps, Policy, get_lr_lambda, get_optimizer, skips_on_device
 from model.preflight import check_accelerator, check_engine_environment, estimate_budget_steps, preflight
 from model.run import Meters, Run, StopRequest, TrainingProgress, get_accelerator
 from utils.errors import QuietUserError, UserError
@@ -80,9 +79,9 @@ class UpdateState:
     """What the optimizer step keeps between micro-batches and steps."""
     schedule: object  # step -> multiplier of learn_rate
     unit_scale: float  # the fixed scale of a micro-batch's weight: about one micro-batch's loss units
+    nonfinite: NonFiniteSteps  # the non-finite steps, counted on the device
     last_lr: float = 0.0
     grad_norm: torch.Tensor | None = None
-    bad_steps: int = 0  # non-finite steps in a row
     units: int = 0  # loss units of the step so far, all processes
 
 
@@ -162,7 +161,8 @@ class ChatTrainer:
             get_optimizer(self.policy.trainable_params(), cfg), self.evaluator.unprepared_loader())
         self.meters = Meters(acc.device, plan.objective.metric_names, len(plan.sources))
         self.update = UpdateState(get_lr_lambda(plan.total_steps, cfg.warmup_steps, cfg.div_factor),
-                                  float(cfg.batch_size_per_gpu * plan.objective.unit_scale))
+                                  float(cfg.batch_size_per_gpu * plan.objective.unit_scale),
+                                  NonFiniteSteps(acc.device, cfg.max_bad_steps))
         self.maybe_resume()
         if acc.is_main_process:
             self.metrics.start(self.progress.step if plan.resume_from is not None else None)
@@ -304,8 +304,9 @@ class ChatTrainer:
 
     def apply_update(self):
         """The optimizer step at the end of an accumulation: the scheduled lr, clipping, and a
-        check that the gradient is finite. A non-finite one is not applied; max_bad_steps of
-        them in a row stop the run before anything is saved."""
+        check that the gradient is finite, made on the device: fused AdamW skips a non-finite
+        step itself (`found_inf`) and NonFiniteSteps counts it, so the host waits for nothing
+        here. The counts are read where the loop syncs anyway (check_steps)."""
         acc, cfg, step, u = self.accelerator, self.cfg, self.progress.step, self.update
         u.last_lr = cfg.learn_rate * u.schedule(step)
         for group in self.optimizer.param_groups:
@@ -316,21 +317,35 @@ class ChatTrainer:
             torch._foreach_mul_([p.grad for p in params if p.grad is not None], scale)
         # One norm for all processes (gradients are already averaged), so all decide alike.
         u.grad_norm = acc.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
-        finite = math.isfinite(float(u.grad_norm))  # one host sync per optimizer step
-        if finite or acc.mixed_precision == "fp16":  # fp16: the grad scaler skips overflowing steps itself
+        if acc.mixed_precision == "fp16":  # the grad scaler skips overflowing steps itself
             self.optimizer.step()
-            u.bad_steps = 0
             self.store.confirm()
-        else:
-            u.bad_steps += 1
-            self.logger.warning(f"step {step + 1}: gradient norm {float(u.grad_norm)}, update skipped "
-                                f"({u.bad_steps} of --max_bad_steps={cfg.max_bad_steps} in a row)")
-            if u.bad_steps >= cfg.max_bad_steps:
-                resume = self.store.set_aside_unconfirmed()
-                raise NonFiniteLoss(f"the loss or gradient norm was not finite for {u.bad_steps} steps in a row, "
-                                    f"up to step {step + 1}: training stopped and nothing of these steps was saved; "
-                                    f"lower --learn_rate or set --max_grad_norm, then {resume}")
+        elif skips_on_device(self.optimizer):
+            self.optimizer.optimizer.found_inf = u.nonfinite.record(u.grad_norm, step).float()
+            self.optimizer.step()
+        else:  # Adafactor takes no found_inf: the host asks, once a step
+            if not u.nonfinite.record(u.grad_norm, step).item():
+                self.optimizer.step()
+            self.check_steps()
         self.optimizer.zero_grad(set_to_none=True)
+
+    def check_steps(self):
+        """Read the non-finite counts (at log steps and saves, where the loop syncs anyway): the
+        states saved before a finite step count; a skipped step is a warning; max_bad_steps in a
+        row stop the run with the states saved since the last finite step set aside."""
+        cfg, seen = self.cfg, self.update.nonfinite.take()
+        if seen["finite_before"]:
+            self.store.confirm()
+        if seen["skipped"]:
+            self.progress.skipped_updates += seen["skipped"]
+            self.logger.warning(f"step {seen['last']}: gradient norm {seen['norm']}, update skipped ({seen['skipped']} "
+                                f"skipped since the last log line, {seen['in_a_row']} of --max_bad_steps="
+                                f"{cfg.max_bad_steps} in a row now)")
+        if seen["limit_reached_at"]:
+            resume = self.store.set_aside_unconfirmed()
+            raise NonFiniteLoss(f"the loss or gradient norm was not finite for {cfg.max_bad_steps} steps in a row, "
+                                f"up to step {seen['limit_reached_at']}: training stopped and nothing of these steps "
+                                f"was saved; lower --learn_rate or set --max_grad_norm, then {resume}")
 
     def batches(self):
         """Yield (batch or None, its loss units, all processes' units, stop requested anywhere)
@@ -342,7 +357,7 @@ class ChatTrainer:
             it = prefetch(it)  # on a CPU the thread would take a core from the computation
         while True:
             batch = next(it, None)
-            units = self.objective.loss_units(batch) if batch is not None else 0
+            units = batch["counts"][1] if batch is not None else 0  # counted where the batch was made
             active, stop, all_units = self.run.agree(batch is not None, self.stop.signum is not None, units)
             if not active:
                 return
@@ -350,8 +365,8 @@ class ChatTrainer:
 
     def record_batch(self, batch: dict) -> dict:
         """Take the metadata off the batch (the stream moves its position) and count what it holds."""
-        rows, skipped, source = self.stream.advance(batch)
-        self.meters.add_batch(self.objective.count_tokens(batch), len(rows), skipped, source)
+        rows, skipped, source, tokens = self.stream.advance(batch)
+        self.meters.add_batch(tokens, len(rows), skipped, source)
         self.progress.micro_step += 1
         if self.cfg.trace_samples:
             path = os.path.join(self.cfg.output_dir, f"samples.rank{self.accelerator.process_index}.jsonl")
@@ -385,6 +400,7 @@ class ChatTrainer:
         progress, meters, u = self.progress, self.meters, self.update
         if progress.step % self.cfg.logging_steps:
             return
+        self.check_steps()
         self.run.flush(meters)
         seconds = time.perf_counter() - meters.started
         metrics = {f"train/{k}": v for k, v in meters.means().items()}
@@ -394,6 +410,8 @@ class ChatTrainer:
             metrics["train/grad_norm"] = float(u.grad_norm)
         if progress.rows_skipped:
             metrics["data/empty_rows_skipped"] = progress.rows_skipped
+        if progress.skipped_updates:
+            metrics["train/skipped_updates"] = progress.skipped_updates
         for src, rows in zip(self.plan.sources, progress.rows_per_source or []):
             metrics[f"data/rows/{src.label}"] = rows
         if self.cfg.log_memory:
@@ -430,6 +448,7 @@ class ChatTrainer:
 
     def save_state(self):
         """Collective: the run's counts, then everything a resume needs (model/checkpoint.py)."""
+        self.check_steps()
         self.run.flush(self.meters)
         self.store.save(self.policy, self.optimizer, self.stream, self.accelerator.scaler)
 

@@ -11,8 +11,8 @@ import torch
 import torch.nn.functional as F
 
 from conftest import ROOT, as_args, cli, tiny_flags
-from model.objectives import (LABEL_PAD, OBJECTIVES, batch_tokens, cross_entropy_metrics, cross_entropy_rows,
-                              non_empty, prompt_response_batch)
+from model.objectives import (LABEL_PAD, OBJECTIVES, cross_entropy_metrics, cross_entropy_rows, non_empty,
+                              prompt_response_batch, row_tokens)
 from utils.errors import UserError
 from utils.logging import read_metrics
 
@@ -58,11 +58,11 @@ class LabelSmoothed:
     def collate(self, rows: dict) -> dict:
         return prompt_response_batch(rows, self.pad_multiple)
 
-    def count_tokens(self, batch: dict) -> int:
-        return batch_tokens(batch)
+    def count_tokens(self, rows: dict) -> int:
+        return row_tokens(rows)
 
-    def loss_units(self, batch: dict) -> int:
-        return int((batch["labels"] != LABEL_PAD).sum())
+    def loss_units(self, rows: dict) -> int:
+        return row_tokens(rows, "response")
 
     def loss(self, model, batch, reference, update=0):
         out = model(**batch)

@@ -1,0 +1,97 @@
+"""The output head and the log-probability of each label, a chunk of tokens at a time.
+
+Every objective needs, at each target token, log p(label) over the whole vocabulary (the
+cross-entropy is its negative; DPO and GRPO sum it per sequence), and kl_beta the KL between the
+policy's and the reference's distributions there. Computed from the full logits, that is a
+(tokens, vocabulary) fp32 tensor, its log-softmax and their gradients: at vocabulary 29,298 and
+16k target tokens, 1.9 GB each. Here the head's matmul, the log-softmax and the loss are fused
+per chunk of `chunk` tokens, and backward recomputes each chunk's logits instead of keeping them
+(the approach of fused linear-cross-entropy kernels such as Liger's), so at most one chunk's
+logits exist at a time. Liger and Cut-Cross-Entropy are Triton kernels for CUDA and give the
+cross-entropy only, not per-token log-probabilities and a KL; this is pure torch, for every
+device and objective.
+
+Precision is the head's as it would run under the ambient autocast: the matmuls in autocast's
+dtype where it is on, the softmax and the loss in fp32, as `lm_head(...).float()` then a
+log-softmax does.
+"""
+import torch
+
+LABEL_PAD = -100
+
+
+def _logits(hidden: torch.Tensor, weight: torch.Tensor, dtype) -> torch.Tensor:
+    if dtype is not None:
+        hidden, weight = hidden.to(dtype), weight.to(dtype)
+    return (hidden @ weight.t()).float()
+
+
+class ChunkedHead(torch.autograd.Function):
+    """(N, d) hidden states, (V, d) head, (N,) labels -> (N,) log p(label) and, with a reference
+    (its hidden states and head, no gradient), (N,) KL(policy || reference) per token."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, inv_temperature: float, chunk: int, ref_hidden, ref_weight, dtype):
+        n = hidden.shape[0]
+        logps = torch.empty(n, dtype=torch.float32, device=hidden.device)
+        kl = torch.zeros(n if ref_hidden is not None else 0, dtype=torch.float32, device=hidden.device)
+        with torch.no_grad():
+            for lo in range(0, n, chunk):
+                hi = min(n, lo + chunk)
+                logp = (_logits(hidden[lo:hi], weight, dtype) * inv_temperature).log_softmax(-1)
+                logps[lo:hi] = logp.gather(1, labels[lo:hi, None]).squeeze(1)
+                if ref_hidden is not None:
+                    logq = (_logits(ref_hidden[lo:hi], ref_weight, dtype) * inv_temperature).log_softmax(-1)
+                    kl[lo:hi] = (logp.exp() * (logp - logq)).sum(-1)
+        ctx.save_for_backward(hidden, weight, labels, ref_hidden, ref_weight)
+        ctx.inv_temperature, ctx.chunk, ctx.dtype = inv_temperature, chunk, dtype
+        return logps, kl
+
+    @staticmethod
+    def backward(ctx, grad_logps, grad_kl):
+        hidden, weight, labels, ref_hidden, ref_weight = ctx.saved_tensors
+        t, chunk, dtype = ctx.inv_temperature, ctx.chunk, ctx.dtype
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        grad_h = torch.zeros_like(hidden) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        mm = dtype or torch.promote_types(hidden.dtype, weight.dtype)
+        w = weight.to(mm)
+        rows = torch.arange(min(chunk, hidden.shape[0]), device=hidden.device)
+        for lo in range(0, hidden.shape[0], chunk):
+            hi = min(hidden.shape[0], lo + chunk)
+            h = hidden[lo:hi].to(mm)
+            logp = ((h @ w.t()).float() * t).log_softmax(-1)
+            p = logp.exp()
+            # d log p(label) / d z = onehot(label) - p; d KL / d z = p * (log p - log q - KL)
+            gl = grad_logps[lo:hi, None]
+            g = p * -gl
+            g[rows[:hi - lo], labels[lo:hi]] += gl[:, 0]
+            if ref_hidden is not None and grad_kl is not None:
+                logq = (_logits(ref_hidden[lo:hi], ref_weight, dtype) * t).log_softmax(-1)
+                d = logp - logq
+                g += grad_kl[lo:hi, None] * p * (d - (p * d).sum(-1, keepdim=True))
+            g = (g * t).to(mm)
+            if need_h:
+                grad_h[lo:hi] = (g @ w).to(hidden.dtype)
+            if need_w:
+                grad_w += (g.t() @ h).float()
+        return (grad_h, grad_w.to(weight.dtype) if need_w else None, None, None, None, None, None, None)
+
+
+def token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int,
+                temperature: float = 1.0, reference: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """(B, T, d) hidden states (after T5's output scaling), the (V, d) head and (B, T) labels
+    (-100: padding) -> (B, T) log p(label) at temperature `temperature` (0 at padding), and with
+    `reference` = (its (B, T, d) hidden states, its head) the (B, T) KL(policy || reference)."""
+    shape, device_type = labels.shape, hidden.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    flat = labels.reshape(-1)
+    mask = flat != LABEL_PAD
+    ref_hidden, ref_weight = (reference[0].reshape(-1, reference[0].shape[-1]).detach(), reference[1].detach()) \
+        if reference is not None else (None, None)
+    # Every position goes through, padding too (its label read as 0 and its result zeroed): picking
+    # the target positions out would size a tensor by the mask's count, a host sync.
+    logps, kl = ChunkedHead.apply(hidden.reshape(-1, hidden.shape[-1]), weight, flat.clamp(min=0), 1.0 / temperature,
+                                  max(1, chunk), ref_hidden, ref_weight, dtype)
+    logps = (logps * mask).view(shape)
+    return logps, (kl * mask).view(shape) if reference is not None else None

@@ -1,0 +1,93 @@
+"""No host syncs in a training step: every read of a tensor's value on the host is counted under a
+TorchFunctionMode (utils/syncs.py), which sees the same calls on a CPU as on a GPU."""
+import pytest
+import torch
+
+from conftest import tiny_flags, train
+from test_trainer import mode_data
+from utils.logging import read_metrics
+from utils.syncs import HostSyncs
+
+
+class PerStep:
+    """A hook: the host syncs of each optimizer step, from the first batch on (start-up is not a
+    step), each step's window ending at its on_step_end. `plant`: read the loss on the host
+    (the mistake this test is there to catch)."""
+
+    def __init__(self, syncs, plant=False):
+        self.syncs, self.plant, self.steps, self.started = syncs, plant, {}, False
+
+    def on_batch(self, trainer, batch):
+        if not self.started:
+            self.syncs.take()
+            self.syncs.where.clear()
+            self.started = True
+
+    def on_loss(self, trainer, batch, loss, values):
+        if self.plant:
+            loss.item()
+
+    def on_step_end(self, trainer):
+        self.steps[trainer.progress.step] = (self.syncs.take(), dict(self.syncs.where))
+        self.syncs.where.clear()
+
+
+def counted_run(flags, *hooks, plant=False):
+    syncs = HostSyncs(keep_stacks=True)
+    counter = PerStep(syncs, plant)
+    with syncs:
+        trainer = train(flags, hooks=[counter, *hooks])
+    return trainer, counter.steps
+
+
+@pytest.mark.parametrize("mode", ["seq2seq", "dpo", "lora+kl", "grpo", "planted"])
+def test_steps_that_neither_log_evaluate_nor_save_read_nothing_on_the_host(tmp_path, data_dir, tokenizer_dir,
+                                                                            base_model, mode):
+    extra = {"grpo_iterations": 2} if mode == "grpo" else {}
+    flags = tiny_flags(tmp_path, data_dir, tokenizer_dir, max_steps=9, logging_steps=4, eval_steps=0,
+                       save_steps=1000, **{"validation_file": "",
+                                           **mode_data("seq2seq" if mode == "planted" else mode, base_model,
+                                                       data_dir, tmp_path), **extra})
+    flags["validation_file"] = ""
+    _, steps = counted_run(flags, plant=mode == "planted")
+    assert sorted(steps) == list(range(1, 10))
+    # GRPO samples on odd steps (generate() reads its stopping criteria) and updates on those
+    # samples again on even ones: those may not sync.
+    quiet = [s for s in steps if s % 4 and (mode != "grpo" or s % 2 == 0)]
+    synced = {s: steps[s] for s in quiet if steps[s][0]}
+    if mode == "planted":
+        assert len(synced) == len(quiet)  # the counter sees a planted .item() on every step
+        return
+    assert not synced, synced
+    assert all(steps[s][0] <= 4 for s in (4, 8) if mode != "grpo")  # a log step: its few reads
+
+
+def test_a_non_finite_gradient_is_skipped_counted_and_reported_without_a_sync(tmp_path, data_dir, tokenizer_dir):
+    class Poison:
+        """NaN into one gradient during step 3 (a device op), and each step's weights kept."""
+
+        def __init__(self):
+            self.weights = {}
+
+        def on_backward(self, trainer):
+            if trainer.progress.step == 2:
+                next(p for p in trainer.model.parameters() if p.grad is not None).grad.mul_(float("nan"))
+
+        def on_update(self, trainer):
+            self.weights[trainer.progress.step + 1] = [p.detach().clone() for p in trainer.model.parameters()]
+
+    poison = Poison()
+    flags = tiny_flags(tmp_path, data_dir, tokenizer_dir, max_steps=8, logging_steps=4, eval_steps=0,
+                       validation_file="", max_bad_steps=3)
+    trainer, steps = counted_run(flags, poison)
+    assert all(steps[s][0] == 0 for s in (1, 2, 3, 5, 6, 7)), steps  # no sync on the steps around it
+    w = poison.weights
+    assert all(torch.equal(a, b) for a, b in zip(w[2], w[3]))  # step 3 changed nothing
+    assert not all(torch.equal(a, b) for a, b in zip(w[3], w[4]))  # step 4 trained again
+    adam = trainer.optimizer.optimizer
+    assert {float(adam.state[p]["step"]) for p in trainer.model.parameters() if p in adam.state} == {7.0}
+    assert trainer.progress.skipped_updates == 1
+    logged = {r["step"]: r for r in read_metrics(flags["output_dir"]) if "train/loss" in r}
+    assert "train/skipped_updates" not in logged.get(2, {}) and logged[4]["train/skipped_updates"] == 1
+    with open(f"{flags['output_dir']}/train.log", encoding="utf-8") as f:
+        assert "warning: step 3: gradient norm nan, update skipped" in f.read()
