@@ -113,6 +113,10 @@ class TrainConfig:
     torch_compile_backend: str = "inductor"  # inductor, aot_eager or eager (dynamo's graphs only)
     pad_to_multiple_of: int = 0  # round padded lengths up to a multiple; 0: 64 compiled, 8 on CUDA, else 1
     attn_implementation: str = "eager"  # eager or sdpa (torch's scaled_dot_product_attention)
+    # Tokens per chunk of the output head and the loss, recomputed in backward: no (tokens,
+    # vocabulary) logits are kept (model/chunked.py); -1: about 8 MB of logits a chunk; 0: from
+    # the full logits
+    loss_chunk_tokens: int = -1
     seed: int = 23333  # model init, dropout and data order
 
     # Data loading.
@@ -221,6 +225,9 @@ def validate(cfg: TrainConfig) -> None:
     for name in NON_NEGATIVE:
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.loss_chunk_tokens < -1:
+        raise UserError(f"--loss_chunk_tokens must be -1 (auto), 0 (full logits) or a number of tokens, "
+                        f"got {cfg.loss_chunk_tokens}")
     for f in fields(cfg):
         value = getattr(cfg, f.name)
         if isinstance(value, float) and not math.isfinite(value):

@@ -32,8 +32,11 @@ import torch
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+from config import T5ModelConfig  # noqa: E402
 SAMPLE = os.path.join(ROOT, "..", "shared", "data", "chatlm_sample", "my_train_dataset_3k.parquet")
 WINDOW = 10  # steps per rate sample
+# The micro model: so small that its arithmetic is negligible and a step's time is the loop's own.
+MICRO = T5ModelConfig(d_model=32, d_ff=64, num_heads=2, d_kv=16, num_layers=1, num_decoder_layers=1, dropout_rate=0.0)
 
 
 def window_rates(times: list[float], tokens: list[int], warmup: int) -> float:
@@ -56,35 +59,78 @@ def rows(train_file, tokenizer, max_seq_len):
     return [src[i].tolist() for i in range(len(src))], [tgt[i].tolist() for i in range(len(tgt))]
 
 
-def run_chatlm(args: dict) -> float:
+class Clock:
+    """A ChatTrainer hook: when each optimizer step ended."""
+
+    def __init__(self):
+        self.times = []
+
+    def on_step_end(self, trainer):
+        self.times.append(time.perf_counter())
+
+
+def model_dir(args: dict, tokenizer) -> str:
+    """A fresh model of the run's shape saved where chatlm's --init_from reads it (the micro and
+    the memory runs set their own d_model, layers or vocabulary; HF and the floor build the same)."""
+    path = os.path.join(tempfile.mkdtemp(), "model")
+    new_model(args, tokenizer).save_pretrained(path)
+    tokenizer.save_pretrained(path)
+    return path
+
+
+def new_model(args: dict, tokenizer):
+    from config import T5ModelConfig
+    from model.chat_model import TextToTextModel, get_t5_config
+    torch.manual_seed(args["seed"])
+    shape = MICRO if args["model_size"] == "micro" else T5ModelConfig.preset(args["model_size"])
+    model = TextToTextModel(get_t5_config(shape, max(len(tokenizer), args["model_vocab"])))
+    model.config._attn_implementation = args["attn_implementation"]
+    return model
+
+
+def peak_rss_mib() -> float:
+    import resource
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def run_chatlm(args: dict) -> dict:
     from config import load_config
     from model.trainer import ChatTrainer
     from utils.logging import read_metrics
+    from utils.tokenizer import load_tokenizer
+    clock = Clock()
     with tempfile.TemporaryDirectory() as out:
+        shaped = args["model_size"] == "micro" or args["model_vocab"]
+        start = dict(init_from=model_dir(args, load_tokenizer(args["tokenizer_dir"]))) if shaped else \
+            dict(model_size=args["model_size"])
         cfg = load_config(train_file=args["train_file"], validation_file="", tokenizer_dir=args["tokenizer_dir"],
-                          model_size=args["model_size"], max_seq_len=args["max_seq_len"],
-                          batch_size_per_gpu=args["batch_size"], gradient_accumulation_steps=1,
-                          max_steps=args["steps"], logging_steps=WINDOW, learn_rate=args["lr"], warmup_steps=0,
-                          mixed_precision="no", log_with="none", output_dir=out, train_state_dir=f"{out}/state",
-                          seed=args["seed"], save_steps=10**9, epochs=100,
-                          max_tokens_per_batch=args["max_tokens_per_batch"],
-                          pad_to_multiple_of=args["pad_to_multiple_of"])
-        ChatTrainer(cfg).train()
+                          max_seq_len=args["max_seq_len"], batch_size_per_gpu=args["batch_size"],
+                          gradient_accumulation_steps=1, max_steps=args["steps"], logging_steps=WINDOW,
+                          learn_rate=args["lr"], warmup_steps=0, mixed_precision=args["precision"], log_with="none",
+                          output_dir=out, train_state_dir=f"{out}/state", seed=args["seed"], save_steps=10**9,
+                          epochs=100, max_tokens_per_batch=args["max_tokens_per_batch"],
+                          pad_to_multiple_of=args["pad_to_multiple_of"], attn_implementation=args["attn_implementation"],
+                          loss_chunk_tokens=args["loss_chunk_tokens"], **start)
+        ChatTrainer(cfg, hooks=[clock]).train()
         records = [r for r in read_metrics(out) if "train/tokens_per_s" in r]
-    return float(np.median([r["train/tokens_per_s"] for r in records if r["step"] > args["warmup"]]))
+    return {"tokens_per_s": float(np.median([r["train/tokens_per_s"] for r in records if r["step"] > args["warmup"]])),
+            "step_ms": step_ms(clock.times, args["warmup"]), "peak_rss_mib": peak_rss_mib()}
 
 
-def run_hf(args: dict) -> float:
+def step_ms(times: list[float], warmup: int) -> float:
+    """Median milliseconds per step over windows of WINDOW steps after `warmup`."""
+    windows = [(times[s + WINDOW] - times[s]) / WINDOW for s in range(warmup, len(times) - WINDOW, WINDOW)]
+    return 1000 * float(np.median(windows))
+
+
+def run_hf(args: dict) -> dict:
     from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback
 
-    from config import T5ModelConfig
-    from model.chat_model import TextToTextModel, get_t5_config
     from utils.tokenizer import load_tokenizer
     tokenizer = load_tokenizer(args["tokenizer_dir"])
     src, tgt = rows(args["train_file"], tokenizer, args["max_seq_len"])
     dataset = [{"input_ids": s, "labels": t} for s, t in zip(src, tgt)]
-    torch.manual_seed(args["seed"])
-    model = TextToTextModel(get_t5_config(T5ModelConfig.preset(args["model_size"]), len(tokenizer)))
+    model = new_model(args, tokenizer)
     collator = DataCollatorForSeq2Seq(tokenizer, model=None, padding=True)
     tokens, times = [], []
 
@@ -103,16 +149,15 @@ def run_hf(args: dict) -> float:
             learning_rate=args["lr"], lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch",
             weight_decay=0.01, train_sampling_strategy="group_by_length", report_to="none", save_strategy="no",
             logging_strategy="no", dataloader_num_workers=0, seed=args["seed"], use_cpu=True,
-            disable_tqdm=True, remove_unused_columns=False)
+            bf16=args["precision"] == "bf16", disable_tqdm=True, remove_unused_columns=False)
         trainer = Seq2SeqTrainer(model=model, args=training_args, train_dataset=dataset, data_collator=collate,
                                  callbacks=[Clock()])
         trainer.train()
-    return window_rates(times, tokens, args["warmup"])
+    return {"tokens_per_s": window_rates(times, tokens, args["warmup"]), "step_ms": step_ms(times, args["warmup"]),
+            "peak_rss_mib": peak_rss_mib()}
 
 
-def run_floor(args: dict) -> float:
-    from config import T5ModelConfig
-    from model.chat_model import TextToTextModel, get_t5_config
+def run_floor(args: dict) -> dict:
     from utils.tokenizer import load_tokenizer
     tokenizer = load_tokenizer(args["tokenizer_dir"])
     src, tgt = rows(args["train_file"], tokenizer, args["max_seq_len"])
@@ -127,52 +172,154 @@ def run_floor(args: dict) -> float:
         batches.append({"input_ids": ids, "attention_mask": torch.ones_like(ids), "labels": labels})
     rng = np.random.default_rng(args["seed"])
     batches = [batches[i] for i in rng.permutation(len(batches))]
-    torch.manual_seed(args["seed"])
-    model = TextToTextModel(get_t5_config(T5ModelConfig.preset(args["model_size"]), len(tokenizer))).train()
+    model = new_model(args, tokenizer).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args["lr"], weight_decay=0.01)
     tokens, times = [], []
     for step in range(args["steps"]):
         batch = batches[step % len(batches)]
-        loss = model(**batch).loss
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args["precision"] == "bf16"):
+            loss = model(**batch).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
         tokens.append(batch["input_ids"].numel() + batch["labels"].numel())
         times.append(time.perf_counter())
-    return window_rates(times, tokens, args["warmup"])
+    return {"tokens_per_s": window_rates(times, tokens, args["warmup"]), "step_ms": step_ms(times, args["warmup"]),
+            "peak_rss_mib": peak_rss_mib()}
 
 
-RUNS = {"chatlm": run_chatlm, "hf": run_hf, "floor": run_floor}
+def run_syncs(args: dict) -> dict:
+    """Host reads of tensors per optimizer step of each objective (utils/syncs.py), on quiet steps
+    (neither log, evaluation nor save) and on log steps; GRPO's sampling steps apart."""
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from config import load_config
+    from model.trainer import ChatTrainer
+    from utils.syncs import HostSyncs
+
+    class PerStep:
+        def __init__(self, syncs):
+            self.syncs, self.steps = syncs, {}
+
+        def on_batch(self, trainer, batch):
+            if not self.steps and trainer.progress.step == 0:
+                self.syncs.take()
+
+        def on_step_end(self, trainer):
+            self.steps[trainer.progress.step] = self.syncs.take()
+
+    out = tempfile.mkdtemp()
+    common = dict(validation_file="", tokenizer_dir=args["tokenizer_dir"], model_size="tiny", max_seq_len=64,
+                  batch_size_per_gpu=8, max_steps=20, logging_steps=WINDOW, learn_rate=1e-3, warmup_steps=0,
+                  log_with="none", save_steps=10**9, seed=args["seed"], mixed_precision="no")
+    table = pq.read_table(args["train_file"], columns=["prompt", "response"]).slice(0, 800)
+    pairs = os.path.join(out, "pairs.parquet")
+    responses = table.column("response").to_pylist()
+    pq.write_table(pa.table({"prompt": table.column("prompt"), "chosen": responses,
+                             "rejected": [r[::-1] + "。" for r in responses]}), pairs)
+    small = os.path.join(out, "rows.parquet")
+    pq.write_table(table, small)
+    base = os.path.join(out, "seq2seq")
+    modes = {"seq2seq": dict(train_file=small),
+             "kl_beta": dict(train_file=small, init_from=f"{base}/final", kl_beta=0.1),
+             "dpo": dict(train_file=pairs, objective="dpo", init_from=f"{base}/final"),
+             "grpo": dict(train_file=small, objective="grpo", init_from=f"{base}/final", reward="lcs_f1",
+                          grpo_group_size=4, grpo_max_new_tokens=16, grpo_iterations=2,
+                          grpo_max_zero_signal_steps=0)}
+    figures = {}
+    for mode, flags in modes.items():
+        from accelerate.state import AcceleratorState, GradientState
+        AcceleratorState._reset_state(True)
+        GradientState._reset_state()
+        cfg = load_config(**common, **flags, output_dir=os.path.join(out, mode),
+                          train_state_dir=os.path.join(out, mode, "state"))
+        syncs = HostSyncs()
+        counter = PerStep(syncs)
+        with syncs:
+            ChatTrainer(cfg, hooks=[counter]).train()
+        steps = counter.steps
+        log = [n for s, n in steps.items() if s % WINDOW == 0]
+        quiet = [n for s, n in steps.items() if s % WINDOW and s != len(steps)]
+        if mode == "grpo":  # odd steps sample (generate() reads its stopping criteria), even ones update again
+            figures["grpo (sampling steps)"] = float(np.mean([n for s, n in steps.items() if s % 2 and s % WINDOW]))
+            quiet = [n for s, n in steps.items() if s % 2 == 0 and s % WINDOW and s != len(steps)]
+        figures[mode] = float(np.mean(quiet))
+        figures[f"{mode} (log steps)"] = float(np.mean(log))
+    return figures
+
+
+RUNS = {"chatlm": run_chatlm, "hf": run_hf, "floor": run_floor, "syncs": run_syncs}
 
 
 def main(train_file: str = SAMPLE, model_size: str = "tiny", batch_size: int = 16, steps: int = 200,
          warmup: int = 20, max_seq_len: int = 256, vocab_size: int = 8000, lr: float = 1e-4, seed: int = 0,
          tokenizer_dir: str = "/tmp/chatlm_bench_tokenizer", max_tokens_per_batch: int = 0,
-         pad_to_multiple_of: int = 1, only: str = ""):
-    """Print non-pad tokens/s of chatlm, HF's Seq2SeqTrainer and the floor, and their ratios."""
+         pad_to_multiple_of: int = 1, precision: str = "no", attn_implementation: str = "",
+         loss_chunk_tokens: int = -1, model_vocab: int = 0, sections: str = "throughput,micro,memory,syncs",
+         only: str = ""):
+    """Print each section's figures, every pair side by side from one invocation."""
+    from config import TrainConfig
     args = dict(train_file=train_file, model_size=model_size, batch_size=batch_size, steps=steps, warmup=warmup,
                 max_seq_len=max_seq_len, lr=lr, seed=seed, tokenizer_dir=tokenizer_dir,
-                max_tokens_per_batch=max_tokens_per_batch, pad_to_multiple_of=pad_to_multiple_of)
+                max_tokens_per_batch=max_tokens_per_batch, pad_to_multiple_of=pad_to_multiple_of,
+                precision=precision, model_vocab=model_vocab,
+                attn_implementation=attn_implementation or TrainConfig.attn_implementation,
+                loss_chunk_tokens=loss_chunk_tokens)
     if only:
         print(json.dumps({only: RUNS[only](args)}))
         return
     if not os.path.isfile(train_file):
         sys.exit(f"{train_file} not found: the real sample data is in ../shared/data/chatlm_sample/")
-    if not os.path.isfile(os.path.join(tokenizer_dir, "tokenizer.json")):
+    tokenizer(train_file, tokenizer_dir, vocab_size)
+    print(f"{torch.get_num_threads()} torch threads, data {os.path.basename(train_file)}, "
+          f"attention {args['attn_implementation']}, loss chunks of {args['loss_chunk_tokens']} tokens")
+    wanted = sections.split(",")
+    if "throughput" in wanted:
+        for p in ("no", "bf16"):
+            print(f"\n== non-pad tokens/s: {model_size}, batch {batch_size}, {steps} steps ({warmup} not timed), "
+                  f"{'fp32' if p == 'no' else p}")
+            got = {name: launch(name, {**args, "precision": p})["tokens_per_s"] for name in ("chatlm", "hf", "floor")}
+            for name, rate in got.items():
+                print(f"{name:8} {rate:10,.0f}")
+            print(f"chatlm / hf: {got['chatlm'] / got['hf']:.2f}x; chatlm / floor: {got['chatlm'] / got['floor']:.2f}x")
+    if "micro" in wanted:
+        micro_tok = tokenizer_dir.rstrip("/") + "_512"
+        tokenizer(train_file, micro_tok, 512)
+        micro = {**args, "model_size": "micro", "tokenizer_dir": micro_tok, "steps": 300, "warmup": 30}
+        print(f"\n== per-step time, micro model (d_model {MICRO.d_model}, 1+1 layers, vocabulary 512: the "
+              f"loop's own cost), batch {batch_size}, fp32")
+        got = {name: launch(name, micro)["step_ms"] for name in ("chatlm", "hf")}
+        print(f"chatlm   {got['chatlm']:.2f} ms/step\nhf       {got['hf']:.2f} ms/step\n"
+              f"chatlm / hf: {got['chatlm'] / got['hf']:.2f}x")
+    if "memory" in wanted:
+        mem = {**args, "batch_size": 32, "max_seq_len": 256, "model_vocab": 29_298, "steps": 30, "warmup": 5}
+        print("\n== peak RSS of a run: tiny preset at vocabulary 29,298, batch 32, max_seq_len 256, 30 steps, fp32")
+        chunk = args["loss_chunk_tokens"] or -1
+        got = {f"chatlm, loss chunks ({chunk})": launch("chatlm", {**mem, "loss_chunk_tokens": chunk}),
+               "chatlm, full logits": launch("chatlm", {**mem, "loss_chunk_tokens": 0}), "hf": launch("hf", mem)}
+        for name, r in got.items():
+            print(f"{name:28} {r['peak_rss_mib']:8,.0f} MiB   ({r['tokens_per_s']:,.0f} tokens/s)")
+    if "syncs" in wanted:
+        print("\n== host syncs per optimizer step (reads of tensor values, utils/syncs.py)")
+        for name, n in launch("syncs", args)["figures"].items():
+            print(f"{name:24} {n:.2f}")
+
+
+def tokenizer(train_file: str, path: str, vocab_size: int) -> None:
+    if not os.path.isfile(os.path.join(path, "tokenizer.json")):
         from utils.tokenizer import train_tokenizer
-        train_tokenizer(train_file, tokenizer_dir, vocab_size)
-    print(f"model {model_size}, batch {batch_size}, {steps} steps ({warmup} not timed), fp32, "
-          f"{torch.get_num_threads()} torch threads, data {os.path.basename(train_file)}")
-    results = {}
-    for name in RUNS:
-        flags = [f"--{k}={v}" for k, v in args.items()] + [f"--only={name}"]
-        proc = subprocess.run([sys.executable, __file__, *flags], cwd=ROOT, capture_output=True, text=True)
-        if proc.returncode:
-            sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
-        results[name] = json.loads(proc.stdout.strip().splitlines()[-1])[name]
-        print(f"{name:8} {results[name]:10,.0f} non-pad tokens/s")
-    print(f"chatlm / hf: {results['chatlm'] / results['hf']:.2f}x; chatlm / floor: "
-          f"{results['chatlm'] / results['floor']:.2f}x")
+        train_tokenizer(train_file, path, vocab_size)
+
+
+def launch(name: str, args: dict) -> dict:
+    """One run in its own process: no run inherits another's threads or allocator."""
+    flags = [f"--{k}={v}" for k, v in args.items()] + [f"--only={name}"]
+    proc = subprocess.run([sys.executable, __file__, *flags], cwd=ROOT, capture_output=True, text=True)
+    if proc.returncode:
+        sys.exit(f"{name} failed:\n{proc.stderr[-3000:]}")
+    result = json.loads(proc.stdout.strip().splitlines()[-1])[name]
+    return result if name != "syncs" else {"figures": result}
 
 
 if __name__ == "__main__":

@@ -4,9 +4,14 @@ A plain `T5ForConditionalGeneration` underneath: a saved directory loads with
 `AutoModelForSeq2SeqLM.from_pretrained(dir)` and needs nothing from this project.
 The encoder input is the raw prompt followed by [EOS]; there is no chat template.
 """
+import dataclasses
+
 import torch
 from transformers import GenerationConfig, T5Config, T5ForConditionalGeneration
 from transformers.masking_utils import create_bidirectional_mask
+from transformers.utils import ModelOutput
+
+from model.chunked import token_logps
 
 from config import T5ModelConfig
 
@@ -61,15 +66,29 @@ def disable_dropout(model: torch.nn.Module) -> int:
     return switched
 
 
+@dataclasses.dataclass
+class HeadOutput(ModelOutput):
+    hidden: torch.Tensor | None = None
+    token_logps: torch.Tensor | None = None
+    token_kl: torch.Tensor | None = None
+
+
 class TextToTextModel(T5ForConditionalGeneration):
     """T5 with the original project's `my_generate` helper, and `encoder_repeats`."""
 
     def forward(self, input_ids=None, attention_mask=None, encoder_outputs=None, encoder_repeats: int = 1,
+                head: str = "logits", chunk: int = -1, temperature: float = 1.0, kl_to: tuple | None = None,
                 **kwargs):
         """T5's forward; with `encoder_repeats` r > 1 the decoder batch (labels, decoder inputs) has r
         rows per encoder row, consecutive: the encoder runs once per prompt and its output is
         repeated, instead of the prompt being repeated and encoded r times (GRPO's groups). Through
-        forward, so a DDP or FSDP wrapper sees one call."""
+        forward, so a DDP or FSDP wrapper sees one call.
+
+        `head` (with `labels`): "logits", T5's output; "hidden", the decoder's output as the head
+        reads it, no logits (`.hidden`); "logps", the log-probability of each label at
+        `temperature` (`.token_logps`, 0 at padding) through the head in chunks of `chunk` tokens
+        (model/chunked.py), and with `kl_to` = (the reference's "hidden", its head weight) the KL
+        to the reference at each token (`.token_kl`). No (tokens, vocabulary) tensor is kept."""
         if kwargs.get("labels") is not None and attention_mask is not None and attention_mask.dim() == 2:
             attention_mask = self.padding_mask(attention_mask)
         if encoder_repeats > 1:
@@ -79,8 +98,25 @@ class TextToTextModel(T5ForConditionalGeneration):
             encoder_outputs, input_ids = (hidden,), None
             if attention_mask is not None:
                 attention_mask = attention_mask.repeat_interleave(encoder_repeats, 0)
-        return super().forward(input_ids=input_ids, attention_mask=attention_mask, encoder_outputs=encoder_outputs,
-                               **kwargs)
+        if head == "logits":
+            return super().forward(input_ids=input_ids, attention_mask=attention_mask,
+                                   encoder_outputs=encoder_outputs, **kwargs)
+        labels = kwargs["labels"]
+        states = self.head_inputs(input_ids, attention_mask, encoder_outputs, labels)
+        if head == "hidden":
+            return HeadOutput(hidden=states)
+        logps, kl = token_logps(states, self.lm_head.weight, labels, chunk, temperature, kl_to)
+        return HeadOutput(token_logps=logps, token_kl=kl)
+
+    def head_inputs(self, input_ids, attention_mask, encoder_outputs, labels) -> torch.Tensor:
+        """(B, T, d): what T5ForConditionalGeneration.forward hands its lm_head (the encoder,
+        the decoder on the labels shifted right, the output scaling of tied embeddings), the
+        same calls; transformers has no forward that stops before the head."""
+        if encoder_outputs is None:
+            encoder_outputs = self.encoder(input_ids=input_ids, attention_mask=attention_mask, return_dict=True)
+        out = self.decoder(input_ids=self._shift_right(labels), encoder_hidden_states=encoder_outputs[0],
+                           encoder_attention_mask=attention_mask, return_dict=True)[0]
+        return out * self.model_dim ** -0.5 if self.config.scale_decoder_outputs else out
 
     def padding_mask(self, attention_mask: torch.Tensor) -> torch.Tensor:
         """The (B, S) padding mask as the (B, 1, 1, S) mask the attention implementation takes,

@@ -38,6 +38,7 @@ class Objective(Protocol):
     target: str | None  # the column greedy answers are compared with (None: none)
     text_columns: tuple[str, ...]  # raw columns travelling with each batch as batch["texts"] ("*": all)
     pad_multiple: int  # padded lengths are rounded up to this
+    chunk: int  # tokens per chunk of the output head and loss (0: from the full logits); loss_chunk_tokens
     updates_per_batch: int  # optimizer updates made on each batch (GRPO's iterations)
     needs_reference: bool
     dropout_free: bool  # compares the policy with a reference or itself: dropout would be noise
@@ -75,17 +76,18 @@ def non_empty(*columns: list) -> np.ndarray:
 
 
 def pad(rows: list, value: int, multiple: int = 1) -> torch.Tensor:
-    """Token id arrays -> (len(rows), longest rounded up to `multiple`) tensor padded with `value`."""
-    out = torch.full((len(rows), -(-max(map(len, rows)) // multiple) * multiple), value, dtype=torch.long)
-    for i, ids in enumerate(rows):
-        out[i, :len(ids)] = torch.as_tensor(ids)
-    return out
+    """Token id arrays -> (len(rows), longest rounded up to `multiple`) tensor padded with `value`:
+    one scatter of all rows' ids at once, not a copy per row."""
+    lengths = np.fromiter(map(len, rows), dtype=np.int64, count=len(rows))
+    out = np.full((len(rows), -(-int(lengths.max()) // multiple) * multiple), value, dtype=np.int64)
+    out[np.arange(out.shape[1]) < lengths[:, None]] = np.concatenate(rows) if len(rows) else []
+    return torch.from_numpy(out)
 
 
 def encoder_inputs(prompts: list, multiple: int = 1) -> dict:
     input_ids = pad(prompts, 0, multiple)
-    lengths = torch.tensor([len(p) for p in prompts])
-    attention_mask = (torch.arange(input_ids.shape[1])[None, :] < lengths[:, None]).long()
+    lengths = np.fromiter(map(len, prompts), dtype=np.int64, count=len(prompts))
+    attention_mask = torch.from_numpy((np.arange(input_ids.shape[1])[None, :] < lengths[:, None]).astype(np.int64))
     return {"input_ids": input_ids, "attention_mask": attention_mask}
 
 
@@ -113,6 +115,17 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, average: bool = F
     mask = labels != LABEL_PAD
     summed = (token_logps(logits, labels) * mask).sum(-1)
     return summed / mask.sum(-1).clamp(min=1) if average else summed
+
+
+def label_logps(model, batch: dict, chunk: int, temperature: float = 1.0, **inputs) -> torch.Tensor:
+    """(B, T) log-probability of each label of `batch` at `temperature` (0 at padding): through
+    the head in chunks of `chunk` tokens (model/chunked.py), or with `chunk` 0 from the full
+    logits."""
+    if chunk:
+        return model(**batch, **inputs, head="logps", chunk=chunk, temperature=temperature).token_logps
+    logits = model(**batch, **inputs).logits
+    return token_logps(logits / temperature if temperature != 1.0 else logits, batch["labels"]) * \
+        (batch["labels"] != LABEL_PAD)
 
 
 def per_token_kl(policy_logits: torch.Tensor, reference_logits: torch.Tensor) -> torch.Tensor:
@@ -149,6 +162,7 @@ class Seq2Seq:
     text_columns = ()
     updates_per_batch = 1
     pad_multiple = 1
+    chunk = 0
     unit_scale = 32  # target tokens per row, about
     no_usable_row = None
     default_best_metric = "bleu4"
@@ -191,12 +205,26 @@ class Seq2Seq:
         return row_tokens(rows, "response")
 
     def loss(self, model, batch: dict, reference, update: int = 0) -> tuple[torch.Tensor, dict]:
+        if self.chunk:
+            return self.chunked_loss(model, batch, reference)
         out = model(**batch)
         if not self.kl_beta:
             return out.loss, {"loss": out.loss.detach()}
         kl = self.token_kl(out.logits, reference(**batch).logits, batch["labels"])
         loss = out.loss + self.kl_beta * kl
         return loss, {"loss": loss.detach(), "ce": out.loss.detach(), "kl": kl.detach()}
+
+    def chunked_loss(self, model, batch: dict, reference) -> tuple[torch.Tensor, dict]:
+        """The same loss with no (tokens, vocabulary) tensor kept (model/chunked.py)."""
+        tokens = (batch["labels"] != LABEL_PAD).sum().clamp(min=1)
+        if not self.kl_beta:
+            ce = -model(**batch, head="logps", chunk=self.chunk).token_logps.sum() / tokens
+            return ce, {"loss": ce.detach()}
+        kl_to = (reference(**batch, head="hidden").hidden, reference.head_weight())
+        out = model(**batch, head="logps", chunk=self.chunk, kl_to=kl_to)
+        ce, kl = -out.token_logps.sum() / tokens, out.token_kl.sum() / tokens
+        loss = ce + self.kl_beta * kl
+        return loss, {"loss": loss.detach(), "ce": ce.detach(), "kl": kl.detach()}
 
     @staticmethod
     def token_kl(policy_logits, reference_logits, labels) -> torch.Tensor:
@@ -231,6 +259,7 @@ class DPO:
     text_columns = ()
     updates_per_batch = 1
     pad_multiple = 1
+    chunk = 0
     unit_scale = 1  # the loss is a mean over pairs
     needs_reference = True
     dropout_free = True
@@ -297,9 +326,9 @@ class DPO:
         """(2B,) log-probs of chosen then rejected: one forward over the stacked batch. With
         `nll`, also the mean negative log-likelihood per chosen token."""
         labels = batch["labels"]
-        out = model(input_ids=batch["input_ids"].repeat(2, 1), attention_mask=batch["attention_mask"].repeat(2, 1),
-                    labels=labels)
-        summed = sequence_logps(out.logits, labels)
+        stacked = {"input_ids": batch["input_ids"].repeat(2, 1), "attention_mask": batch["attention_mask"].repeat(2, 1),
+                   "labels": labels}
+        summed = label_logps(model, stacked, self.chunk).sum(-1)
         lengths = (labels != LABEL_PAD).sum(-1).clamp(min=1)
         logps = summed / lengths if self.loss_type == "ipo" else summed
         if not nll:
@@ -366,6 +395,7 @@ class GRPO:
     """
     name = "grpo"
     pad_multiple = 1
+    chunk = 0
     unit_scale = 1  # batches weigh by prompts
     no_usable_row = None
     default_best_metric = "reward"
@@ -580,14 +610,14 @@ class GRPO:
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": labels,
                   "encoder_repeats": g}
         # Log-probabilities of the distribution sampled from: the logits over the temperature (as TRL).
-        logps = token_logps(model(**inputs).logits / self.temperature, labels)
+        logps = label_logps(model, inputs, self.chunk, self.temperature)
         if first:
             # No update since the sampling: this policy sampled them, so the ratio is 1 (its
             # gradient is the policy gradient) and no second forward is needed. Later updates
             # on the same samples compare with these.
             rollout["old_logps"] = logps.detach()
             if reference is not None and self.beta:
-                rollout["ref_logps"] = token_logps(reference(**inputs).logits / self.temperature, labels)
+                rollout["ref_logps"] = label_logps(reference, inputs, self.chunk, self.temperature)
         old, ref = rollout["old_logps"], rollout.get("ref_logps")
         mask = labels != LABEL_PAD
         loss, stats = self.policy_loss(logps, old, advantages, mask, ref)
@@ -618,4 +648,5 @@ def objective_class(name: str) -> type:
 def get_objective(cfg) -> Objective:
     objective = objective_class(cfg.objective).from_config(cfg)
     objective.pad_multiple = cfg.pad_multiple
+    objective.chunk = cfg.loss_chunk_tokens
     return objective

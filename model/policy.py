@@ -52,6 +52,10 @@ class Reference:
         finally:
             policy.train(training)
 
+    def head_weight(self) -> torch.Tensor:
+        """The output head's weight (under LoRA the policy's: the head carries no adapter)."""
+        return (self.model if self.model is not None else self.policy()).get_output_embeddings().weight.detach()
+
 
 def freeze_for_finetune(model: TextToTextModel) -> None:
     """Freeze the shared embedding (tied to the output head) and the whole encoder."""

@@ -80,6 +80,7 @@ class UpdateState:
     schedule: object  # step -> multiplier of learn_rate
     unit_scale: float  # the fixed scale of a micro-batch's weight: about one micro-batch's loss units
     nonfinite: NonFiniteSteps  # the non-finite steps, counted on the device
+    params: list  # what the optimizer updates (the same tensors for the run)
     last_lr: float = 0.0
     grad_norm: torch.Tensor | None = None
     units: int = 0  # loss units of the step so far, all processes
@@ -162,7 +163,7 @@ class ChatTrainer:
         self.meters = Meters(acc.device, plan.objective.metric_names, len(plan.sources))
         self.update = UpdateState(get_lr_lambda(plan.total_steps, cfg.warmup_steps, cfg.div_factor),
                                   float(cfg.batch_size_per_gpu * plan.objective.unit_scale),
-                                  NonFiniteSteps(acc.device, cfg.max_bad_steps))
+                                  NonFiniteSteps(acc.device, cfg.max_bad_steps), self.policy.trainable_params())
         self.maybe_resume()
         if acc.is_main_process:
             self.metrics.start(self.progress.step if plan.resume_from is not None else None)
@@ -312,7 +313,7 @@ class ChatTrainer:
         for group in self.optimizer.param_groups:
             group["lr"] = u.last_lr
         scale, u.units = u.unit_scale / max(1, u.units), 0
-        params = self.policy.trainable_params()
+        params = u.params
         if scale != 1.0:
             torch._foreach_mul_([p.grad for p in params if p.grad is not None], scale)
         # One norm for all processes (gradients are already averaged), so all decide alike.
