@@ -114,8 +114,8 @@ class TrainConfig:
     pad_to_multiple_of: int = 0  # round padded lengths up to a multiple; 0: 64 compiled, 8 on CUDA, else 1
     attn_implementation: str = "eager"  # eager or sdpa (torch's scaled_dot_product_attention)
     # Tokens per chunk of the output head and the loss, recomputed in backward: no (tokens,
-    # vocabulary) logits are kept (model/chunked.py); -1: about 8 MB of logits a chunk; 0: from
-    # the full logits
+    # vocabulary) logits are kept (model/chunked.py); -1: auto (chunks of about 8 MB of logits
+    # for a batch whose full logits would reach 256 MB, the full logits below); 0: always the full logits
     loss_chunk_tokens: int = -1
     seed: int = 23333  # model init, dropout and data order
 

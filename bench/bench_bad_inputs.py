@@ -429,6 +429,8 @@ class Matrix:
                                                              *a(attn_implementation="flash", **fresh))),
             ("speed: negative pad_to_multiple_of", lambda: c("speed: negative pad_to_multiple_of", t, "train",
                                                              *a(pad_to_multiple_of=-8, **fresh))),
+            ("speed: loss_chunk_tokens below -1", lambda: c("speed: loss_chunk_tokens below -1", t, "train",
+                                                            *a(loss_chunk_tokens=-5, **fresh))),
             ("launch: ACCELERATE_USE_DEEPSPEED on a CPU", lambda: c("launch: ACCELERATE_USE_DEEPSPEED on a CPU", t,
                                                                      "train", *a(**fresh), message="DeepSpeed",
                                                                      env={"ACCELERATE_USE_DEEPSPEED": "true"})),

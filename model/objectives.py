@@ -24,6 +24,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from model.chunked import use_chunks
 from utils.errors import UserError
 from utils.metrics import normalise
 
@@ -39,6 +40,7 @@ class Objective(Protocol):
     text_columns: tuple[str, ...]  # raw columns travelling with each batch as batch["texts"] ("*": all)
     pad_multiple: int  # padded lengths are rounded up to this
     chunk: int  # tokens per chunk of the output head and loss (0: from the full logits); loss_chunk_tokens
+    vocab: int  # the vocabulary's size, which decides with a batch's shape whether -1 chunks it
     updates_per_batch: int  # optimizer updates made on each batch (GRPO's iterations)
     needs_reference: bool
     dropout_free: bool  # compares the policy with a reference or itself: dropout would be noise
@@ -117,11 +119,11 @@ def sequence_logps(logits: torch.Tensor, labels: torch.Tensor, average: bool = F
     return summed / mask.sum(-1).clamp(min=1) if average else summed
 
 
-def label_logps(model, batch: dict, chunk: int, temperature: float = 1.0, **inputs) -> torch.Tensor:
+def label_logps(model, batch: dict, chunk: int, vocab: int, temperature: float = 1.0, **inputs) -> torch.Tensor:
     """(B, T) log-probability of each label of `batch` at `temperature` (0 at padding): through
-    the head in chunks of `chunk` tokens (model/chunked.py), or with `chunk` 0 from the full
-    logits."""
-    if chunk:
+    the head in chunks of `chunk` tokens (model/chunked.py), or from the full logits (`chunk` 0,
+    or -1 on a batch whose logits are small: use_chunks)."""
+    if use_chunks(chunk, batch["labels"], vocab):
         return model(**batch, **inputs, head="logps", chunk=chunk, temperature=temperature).token_logps
     logits = model(**batch, **inputs).logits
     return token_logps(logits / temperature if temperature != 1.0 else logits, batch["labels"]) * \
@@ -163,6 +165,7 @@ class Seq2Seq:
     updates_per_batch = 1
     pad_multiple = 1
     chunk = 0
+    vocab = 0  # the model's, set by the trainer: use_chunks weighs a batch's logits by it
     unit_scale = 32  # target tokens per row, about
     no_usable_row = None
     default_best_metric = "bleu4"
@@ -205,7 +208,7 @@ class Seq2Seq:
         return row_tokens(rows, "response")
 
     def loss(self, model, batch: dict, reference, update: int = 0) -> tuple[torch.Tensor, dict]:
-        if self.chunk:
+        if use_chunks(self.chunk, batch["labels"], self.vocab):
             return self.chunked_loss(model, batch, reference)
         out = model(**batch)
         if not self.kl_beta:
@@ -260,6 +263,7 @@ class DPO:
     updates_per_batch = 1
     pad_multiple = 1
     chunk = 0
+    vocab = 0  # the model's, set by the trainer: use_chunks weighs a batch's logits by it
     unit_scale = 1  # the loss is a mean over pairs
     needs_reference = True
     dropout_free = True
@@ -328,7 +332,7 @@ class DPO:
         labels = batch["labels"]
         stacked = {"input_ids": batch["input_ids"].repeat(2, 1), "attention_mask": batch["attention_mask"].repeat(2, 1),
                    "labels": labels}
-        summed = label_logps(model, stacked, self.chunk).sum(-1)
+        summed = label_logps(model, stacked, self.chunk, self.vocab).sum(-1)
         lengths = (labels != LABEL_PAD).sum(-1).clamp(min=1)
         logps = summed / lengths if self.loss_type == "ipo" else summed
         if not nll:
@@ -396,6 +400,7 @@ class GRPO:
     name = "grpo"
     pad_multiple = 1
     chunk = 0
+    vocab = 0  # the model's, set by the trainer: use_chunks weighs a batch's logits by it
     unit_scale = 1  # batches weigh by prompts
     no_usable_row = None
     default_best_metric = "reward"
@@ -610,14 +615,14 @@ class GRPO:
         inputs = {"input_ids": batch["input_ids"], "attention_mask": batch["attention_mask"], "labels": labels,
                   "encoder_repeats": g}
         # Log-probabilities of the distribution sampled from: the logits over the temperature (as TRL).
-        logps = label_logps(model, inputs, self.chunk, self.temperature)
+        logps = label_logps(model, inputs, self.chunk, self.vocab, self.temperature)
         if first:
             # No update since the sampling: this policy sampled them, so the ratio is 1 (its
             # gradient is the policy gradient) and no second forward is needed. Later updates
             # on the same samples compare with these.
             rollout["old_logps"] = logps.detach()
             if reference is not None and self.beta:
-                rollout["ref_logps"] = label_logps(reference, inputs, self.chunk, self.temperature)
+                rollout["ref_logps"] = label_logps(reference, inputs, self.chunk, self.vocab, self.temperature)
         old, ref = rollout["old_logps"], rollout.get("ref_logps")
         mask = labels != LABEL_PAD
         loss, stats = self.policy_loss(logps, old, advantages, mask, ref)

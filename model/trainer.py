@@ -147,6 +147,7 @@ class ChatTrainer:
         self.tokenizer = get_tokenizer(cfg, self.run, plan.train_files, logger)
         plan.objective.set_tokenizer(self.tokenizer)  # an objective that samples decodes with it
         self.policy = Policy(cfg, plan.objective, self.tokenizer, acc, logger)
+        plan.objective.vocab = self.policy.unwrapped().config.vocab_size  # the head's rows: the logits' width
         self.stream = get_stream(cfg, plan, self.tokenizer, acc, logger)
         if cfg.max_tokens_per_batch:
             plan.total_steps = estimate_budget_steps(cfg, plan, self.stream, acc.num_processes, logger)

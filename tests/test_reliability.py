@@ -323,6 +323,7 @@ def test_mistakes_visible_at_start_up_fail_before_anything_is_written(tmp_path, 
         "another tokenizer than": {"is_finetune": True, "tokenizer_dir": str(other),
                                    "finetune_from_ckp_file": os.path.join(final, "model.safetensors")},
         "--learn_rate must be": {"learn_rate": "nan"},
+        "--loss_chunk_tokens must be -1 (auto), 0 (full logits)": {"loss_chunk_tokens": -5},
         "validation_file": {"validation_file": empty},
     }
     for message, change in cases.items():
