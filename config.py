@@ -44,6 +44,10 @@ MODEL_PRESETS = {
                           num_decoder_layers=3, relative_attention_max_distance=64, dropout_rate=0.0),
     # The original ChatLM-mini-Chinese model: about 0.2B parameters with a 29k vocabulary.
     "small": T5ModelConfig(),
+    # The shapes of the original T5-base and T5-large (about 0.22B and 0.74B parameters with a 29k
+    # vocabulary): for these, shard the training state across GPUs (--fsdp, docs/training.md).
+    "base": T5ModelConfig(num_layers=12, num_decoder_layers=12),
+    "large": T5ModelConfig(d_model=1024, d_ff=4096, num_heads=16, d_kv=64, num_layers=24, num_decoder_layers=24),
 }
 
 
@@ -61,7 +65,7 @@ class TrainConfig:
     max_seq_len: int = 256  # tokens per text, [EOS] included; longer texts are truncated
 
     # Model and modes: an objective, where to start, what trains.
-    model_size: str = ""  # a preset of T5ModelConfig, tiny or small; "": small, or the shape of init_from
+    model_size: str = ""  # a preset of T5ModelConfig: tiny, small, base or large; "": small, or the shape of init_from
     objective: str = "seq2seq"  # seq2seq (prompt -> response), dpo (prompt, chosen, rejected) or grpo (prompt + reward)
     init_from: str = ""  # a model directory or .safetensors to start from; the reference of dpo and kl_beta
     trainable: str = "all"  # all, decoder (shared embedding and encoder frozen) or lora (peft adapters only)
@@ -92,7 +96,7 @@ class TrainConfig:
     is_keep_training: bool | str = False  # resume from the latest intact state; auto: resume if there is one
     trust_pickled_state: bool = False  # resume from a state in the old pickle format (it can run code: only your own)
     overwrite: bool = False  # a fresh run may replace the states already in train_state_dir
-    profile: str = ""  # low_memory: micro-batches of 2, checkpointing, Adafactor, small buffer
+    profile: str = ""  # low_memory: micro-batches of 2, checkpointing, Adafactor (AdamW under --fsdp), small buffer
 
     # Optimisation. Steps are optimizer steps (after accumulation).
     epochs: int = 8  # passes over train_file
@@ -113,6 +117,7 @@ class TrainConfig:
     torch_compile_backend: str = "inductor"  # inductor, aot_eager or eager (dynamo's graphs only)
     pad_to_multiple_of: int = 0  # round padded lengths up to a multiple; 0: 64 compiled, 8 on CUDA, else 1
     attn_implementation: str = "eager"  # eager or sdpa (torch's scaled_dot_product_attention)
+    fsdp: str = ""  # shard over the processes with FSDP2: full (weights, gradients, optimizer state) or grad_op (ZeRO-2: all but the weights); "": none (DDP); set by an Accelerate FSDP2 launch config too
     # Tokens per chunk of the output head and the loss, recomputed in backward: no (tokens,
     # vocabulary) logits are kept (model/chunked.py); -1: auto (chunks of about 8 MB of logits
     # for a batch whose full logits would reach 256 MB, the full logits below); 0: always the full logits
@@ -198,6 +203,7 @@ CHOICES = {
     "mix_strategy": ("first_exhausted", "all_exhausted"),
     "profile": ("", "low_memory"),
     "attn_implementation": ("eager", "sdpa"),
+    "fsdp": ("", "full", "grad_op"),
     "torch_compile_backend": ("inductor", "aot_eager", "eager", "cudagraphs"),
 }
 POSITIVE = ("epochs", "batch_size_per_gpu", "gradient_accumulation_steps", "learn_rate", "div_factor",
@@ -225,6 +231,14 @@ def validate(cfg: TrainConfig) -> None:
     for name in NON_NEGATIVE:
         if getattr(cfg, name) < 0:
             raise UserError(f"--{name} must be >= 0, got {getattr(cfg, name)}")
+    if cfg.fsdp and cfg.mixed_precision == "fp16":
+        raise UserError(f"--fsdp={cfg.fsdp} cannot train in fp16: FSDP2 has no sharded grad scaler; use "
+                        "--mixed_precision=bf16 (or no)")
+    if cfg.fsdp and cfg.optimizer == "adafactor":
+        raise UserError(f"--fsdp={cfg.fsdp} with --optimizer=adafactor is not supported yet (its factored statistics "
+                        "need whole matrices); use --optimizer=adamw, whose state FSDP2 shards over the processes")
+    if cfg.fsdp and cfg.torch_compile:
+        raise UserError(f"--fsdp={cfg.fsdp} with --torch_compile is not supported yet; drop one of them")
     if cfg.loss_chunk_tokens < -1:
         raise UserError(f"--loss_chunk_tokens must be -1 (auto), 0 (full logits) or a number of tokens, "
                         f"got {cfg.loss_chunk_tokens}")
@@ -325,7 +339,7 @@ def low_memory(cfg: TrainConfig, micro_batch: int = 2) -> TrainConfig:
         batch_size_per_gpu=micro,
         gradient_accumulation_steps=max(1, per_step // micro),
         gradient_checkpointing=True,
-        optimizer="adafactor",
+        optimizer="adamw" if cfg.fsdp else "adafactor",  # under FSDP2, AdamW's state is sharded instead
         keep_in_memory=False,
         dataloader_buffer_size=min(cfg.dataloader_buffer_size, 2000),
         num_workers=min(cfg.num_workers, 1),

@@ -437,6 +437,21 @@ class Matrix:
             ("launch: ACCELERATE_USE_FSDP on a CPU", lambda: c("launch: ACCELERATE_USE_FSDP on a CPU", t, "train",
                                                                *a(**fresh), message="FSDP",
                                                                env={"ACCELERATE_USE_FSDP": "true"})),
+            ("launch: FSDP2 config with parameter offload", lambda: c(
+                "launch: FSDP2 config with parameter offload", t, "train", *a(**fresh), message="fsdp_offload_params",
+                env={"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_OFFLOAD_PARAMS": "true"})),
+            ("launch: --fsdp disagreeing with the FSDP2 config", lambda: c(
+                "launch: --fsdp disagreeing with the FSDP2 config", t, "train", *a(fsdp="grad_op", **fresh),
+                message="launch config asks for FSDP2 full",
+                env={"ACCELERATE_USE_FSDP": "true", "FSDP_VERSION": "2", "FSDP_RESHARD_AFTER_FORWARD": "true"})),
+            ("launch: --fsdp with fp16", lambda: c("launch: --fsdp with fp16", t, "train",
+                                                   *a(fsdp="full", mixed_precision="fp16", **fresh),
+                                                   message="grad scaler")),
+            ("launch: --fsdp with adafactor", lambda: c("launch: --fsdp with adafactor", t, "train",
+                                                        *a(fsdp="full", optimizer="adafactor", **fresh),
+                                                        message="--optimizer=adamw")),
+            ("launch: unknown --fsdp", lambda: c("launch: unknown --fsdp", t, "train", *a(fsdp="zero3", **fresh),
+                                                 message="--fsdp")),
         ]
         return entries
 

@@ -1,15 +1,20 @@
 """Train states: everything a resume needs, in files that run no code when read, verified before use.
 
     train_state_dir/step_00001000/
-      model.safetensors        weights
-      optimizer.pt             optimizer state: tensors and numbers, read with torch.load(weights_only=True)
+      model.safetensors        the whole weights (each tied tensor once)
+      optimizer.pt             the whole optimizer state, numbered as an unsharded optimizer's:
+                               tensors and numbers, read with torch.load(weights_only=True)
       rng.rank<N>.safetensors  RNG states of process N (torch, CUDA, numpy, python)
       state.json               progress, every process's data position, the settings a resume keeps
       manifest.json            size and sha256 of every other file; written last
 
 Accelerate's save_state is not used: it pickles registered objects and RNG states, and its
 load_state unpickles them with weights_only=False (a file planted in a state directory
-would run code on resume) and skips RNG files it cannot read without a word.
+would run code on resume) and skips RNG files it cannot read without a word. Nor is
+torch.distributed.checkpoint's sharded format (FSDP's): it unpickles its `.metadata`. Under every
+engine (model/engine.py) the processes gather the whole weights and optimizer state and the main
+process writes these files, so a state saved under FSDP2 resumes under DDP and back, and its
+weights and optimizer state load into any number of processes.
 
 A state is written to `step_N.tmp` and renamed when complete; a state saved again at the
 same step swaps in whole (`step_N` -> `step_N.old`, `.tmp` -> `step_N`, `.old` removed).
@@ -32,7 +37,7 @@ import shutil
 import numpy as np
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import load_model, save_file, save_model
+from safetensors.torch import load_file, save_file
 
 from utils.errors import UserError
 
@@ -72,12 +77,14 @@ def list_all(train_state_dir: str) -> list[str]:
 
 
 # ---- writing ------------------------------------------------------------------------------
-def save_model_weights(model: torch.nn.Module, path: str) -> None:
-    save_model(model, path)  # T5 ties its embeddings: save_model stores a shared tensor once
+def save_model_weights(state: dict, tied: list[list[str]], path: str) -> None:
+    """The whole weights `state`, each tied tensor once (T5 ties its embeddings and head)."""
+    from model.engine import without_aliases
+    save_file({k: v.contiguous() for k, v in without_aliases(state, tied).items()}, path, metadata={"format": "pt"})
 
 
-def save_optimizer(optimizer, path: str) -> None:
-    torch.save(optimizer.state_dict(), path)
+def save_optimizer(state: dict, path: str) -> None:
+    torch.save(state, path)
 
 
 def save_rng(path: str) -> None:
@@ -245,25 +252,43 @@ def load_json(path: str) -> dict:
         raise UserError(f"cannot read {path} ({err}); resume from another state or start over") from None
 
 
-def load_model_weights(model: torch.nn.Module, path: str) -> None:
+def read_weights(path: str) -> dict:
+    """The weights file: tensors by name (each tied tensor under one of its names)."""
     try:
-        load_model(model, path, strict=True)
-    except (SafetensorError, RuntimeError, OSError) as err:
-        raise UserError(f"cannot load the weights in {path} ({str(err).splitlines()[0]}); "
+        return load_file(path)
+    except (SafetensorError, OSError) as err:
+        raise UserError(f"cannot read the weights in {path} ({str(err).splitlines()[0][:300]}); "
                         "resume from another state or start over") from None
 
 
-def load_optimizer(optimizer, path: str, device) -> None:
+def load_model_weights(policy, state: dict, path: str) -> None:
+    """Collective: the whole weights read from `path` into the policy's model."""
+    try:
+        policy.load_model_state(state)
+    except (RuntimeError, KeyError, ValueError) as err:
+        raise UserError(f"cannot load the weights in {path} ({str(err).splitlines()[0][:300]}); "
+                        "resume from another state or start over") from None
+
+
+def read_optimizer(path: str) -> dict:
+    """The optimizer file: tensors and numbers only (weights_only), never code."""
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
+        if not isinstance(state, dict) or not {"state", "param_groups"} <= state.keys():
+            raise ValueError("not an optimizer state")
+        return state
     except Exception as err:  # noqa: BLE001 (an UnpicklingError is what a planted payload gives)
         raise UserError(f"refusing to load {path}: {str(err).splitlines()[0][:200]} (it holds more than "
                         "tensors and numbers); resume from another state or start over") from None
+
+
+def load_optimizer(policy, optimizer, state: dict, path: str) -> None:
+    """Collective: the whole optimizer state read from `path` into the run's optimizer."""
     try:
-        optimizer.load_state_dict(state)
-    except (ValueError, KeyError, TypeError, RuntimeError) as err:
-        raise UserError(f"the optimizer state in {path} does not fit this model ({err}); resume with the "
-                        "settings it was saved with (--optimizer, --trainable) or start over") from None
+        policy.load_optimizer_state(optimizer, state)
+    except (ValueError, KeyError, TypeError, RuntimeError, IndexError) as err:
+        raise UserError(f"the optimizer state in {path} does not fit this model ({str(err)[:300]}); resume with "
+                        "the settings it was saved with (--optimizer, --trainable) or start over") from None
 
 
 def load_rng(path: str) -> None:
@@ -384,9 +409,12 @@ class StateStore:
         """Collective: everything a resume needs to train_state_dir/step_N. A failure on any
         process (a full disk, a lost mount) is one error line; the partial directory is removed
         and earlier states stay intact."""
+        from model.engine import tied_names
         run, progress = self.run, self.run.progress
         progress.wall_seconds = run.wall_seconds()
         data = run.gather(stream.state_dict())
+        # The whole weights and optimizer state, gathered by every process onto the main one.
+        weights, optimizer_state = policy.model_state(), policy.optimizer_state(optimizer)
         final = state_path(self.cfg.train_state_dir, progress.step)
         tmp = final + ".tmp"
 
@@ -412,8 +440,8 @@ class StateStore:
 
         def files():
             if run.is_main:
-                save_model_weights(policy.unwrapped(), os.path.join(tmp, MODEL_FILE))
-                save_optimizer(optimizer, os.path.join(tmp, OPTIMIZER_FILE))
+                save_model_weights(weights, tied_names(policy.unwrapped()), os.path.join(tmp, MODEL_FILE))
+                save_optimizer(optimizer_state, os.path.join(tmp, OPTIMIZER_FILE))
                 save_json({"format": FORMAT, "step": progress.step, "progress": progress.state_dict(),
                            "data": data, "settings": self.settings,
                            # fp16's loss scale: numbers only
@@ -433,14 +461,41 @@ class StateStore:
         return final
 
     def load(self, path: str, policy, optimizer, stream, scaler) -> None:
-        """Restore a verified state of this format into the run's pieces."""
+        """Collective: restore a verified state of this format into the run's pieces. Every process
+        reads the files first; one it cannot use, on any process, is one line from the main
+        process before any weights move."""
+        acc, run = self.run.accelerator, self.run
+        error = weights = optimizer_state = None
+        try:
+            saved = self.read_progress(path, stream, scaler)
+            load_rng(os.path.join(path, rng_file(acc.process_index)))
+            weights = read_weights(os.path.join(path, MODEL_FILE))
+            optimizer_state = read_optimizer(os.path.join(path, OPTIMIZER_FILE))
+        except UserError as err:
+            error = err
+        run.raise_together(error)
+        try:
+            load_model_weights(policy, weights, os.path.join(path, MODEL_FILE))
+            load_optimizer(policy, optimizer, optimizer_state, os.path.join(path, OPTIMIZER_FILE))
+        except UserError as err:
+            error = err
+        run.raise_together(error)
+        self.apply_optimizer_settings(optimizer)
+        threads = saved.get("torch_threads")
+        if acc.device.type == "cpu" and threads and threads != torch.get_num_threads():
+            self.logger.warning(f"{path} was saved with {threads} torch threads, this run has "
+                                f"{torch.get_num_threads()}: on a CPU the resumed run then differs from an "
+                                f"uninterrupted one in the last bits (OMP_NUM_THREADS={threads} avoids that)")
+
+    def read_progress(self, path: str, stream, scaler) -> dict:
+        """state.json into progress, this process's data position and the loss scale; its content."""
         acc, progress = self.run.accelerator, self.run.progress
         saved = load_json(os.path.join(path, STATE_JSON))
         try:
             data = saved["data"]
             if len(data) != acc.num_processes:
                 raise UserError(f"{path} was saved by {len(data)} processes, this run has {acc.num_processes}; "
-                                "resume with the same number of processes")
+                                "resume with the same number of processes (the data position is per process)")
             progress.load_state_dict(saved["progress"])
             stream.load_state_dict(data[acc.process_index])
             if scaler is not None and saved.get("scaler"):
@@ -451,15 +506,7 @@ class StateStore:
                 raise
             raise UserError(f"{path}/{STATE_JSON} is not a chatlm train state ({err!r}); resume from "
                             "another state or start over") from None
-        load_model_weights(policy.unwrapped(), os.path.join(path, MODEL_FILE))
-        load_optimizer(optimizer, os.path.join(path, OPTIMIZER_FILE), acc.device)
-        load_rng(os.path.join(path, rng_file(acc.process_index)))
-        self.apply_optimizer_settings(optimizer)
-        threads = saved.get("torch_threads")
-        if acc.device.type == "cpu" and threads and threads != torch.get_num_threads():
-            self.logger.warning(f"{path} was saved with {threads} torch threads, this run has "
-                                f"{torch.get_num_threads()}: on a CPU the resumed run then differs from an "
-                                f"uninterrupted one in the last bits (OMP_NUM_THREADS={threads} avoids that)")
+        return saved
 
     def load_legacy(self, path: str, optimizer, stream) -> None:
         """A state of the old format, through Accelerate's pickle loader: only with trust_pickled_state."""

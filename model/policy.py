@@ -11,6 +11,9 @@
   evaluation mode so it runs under the policy's precision.
 - Dropout off (`disable_dropout`; auto: for objectives that compare the policy with itself or a
   reference), so the difference they train on is not noise.
+- The engine (model/engine.py): the model whole on every process (one process, DDP) or sharded
+  (FSDP2), and the reference alike; the policy asks it for the whole weights and optimizer state
+  a train state holds, and for the whole model a save writes.
 - The save: a directory that AutoModelForSeq2SeqLM and AutoTokenizer load alone; under LoRA the
   merged model, and the adapter in peft's format beside it.
 - The optimizer and the learning-rate schedule of what trains.
@@ -53,8 +56,10 @@ class Reference:
             policy.train(training)
 
     def head_weight(self) -> torch.Tensor:
-        """The output head's weight (under LoRA the policy's: the head carries no adapter)."""
-        return (self.model if self.model is not None else self.policy()).get_output_embeddings().weight.detach()
+        """The output head's weight (under LoRA the policy's: the head carries no adapter). Under
+        FSDP2 it is gathered whole (collective: every process computes the loss together)."""
+        weight = (self.model if self.model is not None else self.policy()).get_output_embeddings().weight.detach()
+        return weight.full_tensor() if hasattr(weight, "full_tensor") else weight
 
 
 def freeze_for_finetune(model: TextToTextModel) -> None:
@@ -134,8 +139,8 @@ def load_start_model(path: str, cfg: TrainConfig, tokenizer) -> TextToTextModel:
 class Policy:
     """The model being trained (prepared by Accelerate) and its reference (see the module docstring)."""
 
-    def __init__(self, cfg: TrainConfig, objective, tokenizer, accelerator, logger):
-        self.cfg, self.accelerator = cfg, accelerator
+    def __init__(self, cfg: TrainConfig, objective, tokenizer, accelerator, engine, logger):
+        self.cfg, self.accelerator, self.engine = cfg, accelerator, engine
         if cfg.start_from:  # on resume too: the checkpoint gives the shape, the state the weights
             model = load_start_model(cfg.start_from, cfg, tokenizer)
             logger.info(f"starting from {cfg.start_from}")
@@ -144,8 +149,9 @@ class Policy:
         model.generation_config = get_generation_config(cfg.max_seq_len)
         if cfg.attn_implementation != "eager":
             model.set_attn_implementation(cfg.attn_implementation)
+        self.t5_config = model.config  # the shape a whole copy is built in (full_model)
         # Before checkpointing and the peft wrap: the copy is the plain model.
-        frozen = copy.deepcopy(model).eval().requires_grad_(False).to(accelerator.device) \
+        frozen = copy.deepcopy(model).eval().requires_grad_(False) \
             if objective.needs_reference and cfg.trains != "lora" else None
         if cfg.gradient_checkpointing:
             model.gradient_checkpointing_enable()
@@ -159,23 +165,29 @@ class Policy:
             switched = disable_dropout(self.model)
             if switched:
                 logger.info(f"dropout off in {switched} modules (--disable_dropout={cfg.disable_dropout})")
+        self.model = engine.shard(self.model)  # before the optimizer: it holds the shards
+        if frozen is not None:
+            frozen = engine.place(frozen)  # on the device, or sharded like the policy
         self.reference = None
         if objective.needs_reference:
             self.reference = Reference(model=frozen) if frozen is not None else Reference(policy=self.unwrapped)
         trainable = sum(p.numel() for p in self.trainable_params())
         total = sum(p.numel() for p in self.model.parameters())
-        shape = self.model.config
+        held = sum(p.to_local().numel() if hasattr(p, "to_local") else p.numel() for p in self.model.parameters())
+        shape = self.t5_config
         logger.info(f"model: d_model {shape.d_model}, {shape.num_layers}+{shape.num_decoder_layers} layers, "
                     f"{total / 1e6:.1f}M parameters, {trainable / 1e6:.2f}M trainable ({cfg.trains}), "
-                    f"objective {objective.name}" + (", with a reference" if self.reference else ""))
+                    f"objective {objective.name}" + (", with a reference" if self.reference else "")
+                    + f"; engine {engine.name}" + (f", {held / 1e6:.2f}M parameters held by this process"
+                                                   if held != total else ""))
 
     def prepare(self, optimizer, eval_loader):
-        """The model, optimizer and evaluation loader through accelerator.prepare (DDP, device,
-        precision, compile); the frozen reference through prepare_model in evaluation mode (as TRL):
-        the policy's precision, no DDP wrapper. The training loader is not prepared: each process
-        reads its own shard already."""
+        """The model, optimizer and evaluation loader through the engine (accelerator.prepare:
+        DDP, device, precision, compile); the frozen reference through prepare_model in evaluation
+        mode (as TRL): the policy's precision, no DDP wrapper. The training loader is not
+        prepared: each process reads its own shard already."""
         acc = self.accelerator
-        self.model, optimizer, eval_loader = acc.prepare(self.model, optimizer, eval_loader)
+        self.model, optimizer, eval_loader = self.engine.prepare(self.model, optimizer, eval_loader)
         if self.reference is not None and self.reference.model is not None:
             self.reference.model = acc.prepare_model(self.reference.model, evaluation_mode=True)
         return optimizer, eval_loader
@@ -188,15 +200,48 @@ class Policy:
     def trainable_params(self) -> list:
         return [p for p in self.model.parameters() if p.requires_grad]
 
-    def save_together(self, run, path: str, tokenizer) -> None:
-        """Collective (through `run`): every process waits, the main one writes the directory."""
-        run.wait()
-        run.on_main(self.save, path, tokenizer)
+    # ---- the whole model and its state, whatever the engine ------------------------------
+    def model_state(self) -> dict | None:
+        """Collective: the whole weights under plain names on the main process (None elsewhere)."""
+        return self.engine.model_state(self.unwrapped())
 
-    def save(self, path: str, tokenizer) -> None:
-        """A directory that AutoModelForSeq2SeqLM and AutoTokenizer load with nothing else
-        (main process only; the trainer calls it through Run.on_main)."""
+    def load_model_state(self, state: dict) -> None:
+        """Collective: the whole weights (each tied tensor under any one of its names) into the model."""
+        from model.engine import tied_names, with_aliases
         model = self.unwrapped()
+        self.engine.load_model_state(model, with_aliases(state, tied_names(model)))
+
+    def optimizer_state(self, optimizer) -> dict | None:
+        """Collective: the whole optimizer state, numbered as an unsharded optimizer's, on the main process."""
+        return self.engine.optimizer_state(self.unwrapped(), optimizer)
+
+    def load_optimizer_state(self, optimizer, state: dict) -> None:
+        """Collective: a numbered whole optimizer state into the optimizer."""
+        self.engine.load_optimizer_state(self.unwrapped(), optimizer, state)
+
+    def set_gradient_sync(self, sync: bool) -> None:
+        self.engine.set_gradient_sync(self.model, sync)
+
+    def clip_grad_norm(self, params: list, max_norm: float) -> torch.Tensor:
+        """Clip the gradients of `params` to `max_norm` over all processes; their norm before (a device scalar)."""
+        return self.engine.clip_grad_norm(params, max_norm)
+
+    def build_plain(self) -> torch.nn.Module:
+        """A new model of this run's shape with what trains set (its weights initialised anew)."""
+        return set_trainable(TextToTextModel(copy.deepcopy(self.t5_config)), self.cfg)
+
+    def save_together(self, run, path: str, tokenizer) -> None:
+        """Collective (through `run`): the whole model gathered by every process, the main one
+        writes the directory."""
+        run.wait()
+        model = self.engine.full_model(self.unwrapped(), self.build_plain)
+        run.on_main(self.save, path, tokenizer, model)
+
+    def save(self, path: str, tokenizer, model=None) -> None:
+        """A directory that AutoModelForSeq2SeqLM and AutoTokenizer load with nothing else
+        (main process only; the trainer calls it through Run.on_main): of `model`, a whole one,
+        or the one being trained."""
+        model = model if model is not None else self.unwrapped()
         with atomic_dir(path) as tmp:
             if isinstance(model, PeftModel):
                 # The merged model for every tool, and the adapter in peft's format beside it. The

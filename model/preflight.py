@@ -38,26 +38,43 @@ class Plan:
     resume_from: str | None  # the train state to resume from; None: a fresh run
 
 
-def check_engine_environment() -> None:
-    """Engines a launch asks for through the environment that this trainer does not run: refused
-    on every device type before Accelerate starts (on a CPU it would silently train DeepSpeed or
-    FSDP runs as DDP, or end in an ImportError)."""
+def check_engine_environment(cfg: TrainConfig) -> TrainConfig:
+    """`cfg` with the engine a launch asks for through the environment, checked before Accelerate
+    starts. DeepSpeed is refused on every device type (on a CPU Accelerate would end in an
+    ImportError). An Accelerate FSDP2 config (ACCELERATE_USE_FSDP with FSDP_VERSION=2) is this
+    trainer's --fsdp: `full`, or `grad_op` where it keeps the weights after forward; the trainer
+    shards the model itself on every device, so Accelerate is told not to (it would on GPUs only,
+    and save FSDP's pickled sharded states)."""
     from accelerate.utils import parse_flag_from_env
     if parse_flag_from_env("ACCELERATE_USE_DEEPSPEED"):
         raise UserError("DeepSpeed is not supported: its checkpoints load with pickle (torch.load with "
-                        "weights_only=False), which a chatlm train state never does; launch with DDP "
-                        "(accelerate launch --config_file configs/accelerate/ddp.yaml)")
-    if parse_flag_from_env("ACCELERATE_USE_FSDP"):
-        raise UserError("FSDP is not supported yet: a train state holds the main process's weights and optimizer "
-                        "state, which under sharding are only its shard; launch with DDP "
-                        "(accelerate launch --config_file configs/accelerate/ddp.yaml)")
+                        "weights_only=False), which a chatlm train state never does; FSDP2 --fsdp=grad_op shards "
+                        "gradients and optimizer state as ZeRO-2 does (--fsdp=full the weights too, as ZeRO-3): "
+                        "accelerate launch --config_file configs/accelerate/fsdp2.yaml")
+    if not parse_flag_from_env("ACCELERATE_USE_FSDP"):
+        return cfg
+    version = os.environ.get("FSDP_VERSION", "1")
+    if version != "2":
+        raise UserError(f"the launch config asks for FSDP version {version}; chatlm shards with FSDP2: set "
+                        "fsdp_version: 2 (configs/accelerate/fsdp2.yaml), or launch with DDP and --fsdp=full")
+    if parse_flag_from_env("FSDP_OFFLOAD_PARAMS"):
+        raise UserError("fsdp_offload_params is not supported: set it to false in the launch config")
+    if parse_flag_from_env("FSDP_ACTIVATION_CHECKPOINTING"):
+        raise UserError("fsdp_activation_checkpointing is not read: set it to false in the launch config and "
+                        "pass --gradient_checkpointing=True")
+    reshard = os.environ.get("FSDP_RESHARD_AFTER_FORWARD", "true").lower()
+    mode = "grad_op" if reshard in ("false", "shard_grad_op", "2") else "full"
+    if cfg.fsdp and cfg.fsdp != mode:
+        raise UserError(f"--fsdp={cfg.fsdp}, but the launch config asks for FSDP2 {mode} (fsdp_reshard_after_forward: "
+                        f"{reshard}); drop --fsdp or change the config")
+    os.environ["ACCELERATE_USE_FSDP"] = "false"
+    return dataclasses.replace(cfg, fsdp=mode)
 
 
 def check_accelerator(accelerator) -> None:
-    if accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):
-        raise UserError(f"{accelerator.distributed_type.value} is not supported yet: a train state holds the main "
-                        "process's weights and optimizer state, which under sharding are only its shard; "
-                        "launch with DDP (accelerate launch --config_file configs/accelerate/ddp.yaml)")
+    if accelerator.distributed_type.value in ("FSDP", "DEEPSPEED"):  # set some other way than the environment
+        raise UserError(f"Accelerate's {accelerator.distributed_type.value} is not used: launch with "
+                        "configs/accelerate/fsdp2.yaml or ddp.yaml (with --fsdp=full or grad_op to shard)")
 
 
 def check_rows(path: str, what: str, objective) -> None:

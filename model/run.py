@@ -4,7 +4,9 @@ processes make together.
 The rule: a method of `Run` that says "collective" must be called by every process, at the same
 point of the run, with the same arguments' shapes, or DDP and the gloo groups hang. Nothing
 outside this module calls torch.distributed or Accelerate's gather, reduce, broadcast or
-wait_for_everyone; a caller that needs one asks `Run`. Work only the main process does (writing
+wait_for_everyone; a caller that needs one asks `Run`. The one other place is the engine
+(model/engine.py): a sharded model gathers its weights in every forward, as DDP all-reduces in
+backward, and the engine's methods that gather or scatter the whole state say "Collective" too. Work only the main process does (writing
 best/, summary.json) goes through `Run.on_main`, which every process calls: the main process
 runs it and every process gets its result or its error.
 """
@@ -160,6 +162,18 @@ class Run:
         if self.is_main and cleanup is not None:
             cleanup()
         raise (UserError if error is not None or self.is_main else QuietUserError)(message(reason))
+
+    def raise_together(self, error: UserError | None) -> None:
+        """Collective: if any process has a UserError, every process raises: the main process the
+        first one in process order (its one line), the others quietly."""
+        if self.accelerator.num_processes == 1:
+            if error is not None:
+                raise error
+            return
+        if not self.agree(error is not None)[0]:
+            return
+        message = next(m for m in self.gather(None if error is None else str(error)) if m is not None)
+        raise (UserError if self.is_main else QuietUserError)(message)
 
     def gather(self, obj) -> list:
         """Collective: every process's `obj`, in process order (JSON-like values)."""

@@ -23,6 +23,7 @@ from tqdm.auto import tqdm
 import model.checkpoint as ckpt
 from config import TrainConfig
 from model.dataset import get_stream, get_tokenizer, get_train_loader, prefetch
+from model.engine import get_engine
 from model.evaluation import Evaluator, compiled_graphs
 from model.policy import NonFiniteSteps, Policy, get_lr_lambda, get_optimizer, skips_on_device
 from model.preflight import check_accelerator, check_engine_environment, estimate_budget_steps, preflight
@@ -131,8 +132,7 @@ class ChatTrainer:
 
     # ---- build -------------------------------------------------------------------------------
     def build(self):
-        cfg = self.cfg
-        check_engine_environment()
+        cfg = self.cfg = check_engine_environment(self.cfg)
         acc = self.accelerator = get_accelerator(cfg)
         check_accelerator(acc)
         self.run = Run(acc)
@@ -146,7 +146,7 @@ class ChatTrainer:
             logger.warning("fp16 overflows in T5's feed-forward layers; prefer --mixed_precision=bf16")
         self.tokenizer = get_tokenizer(cfg, self.run, plan.train_files, logger)
         plan.objective.set_tokenizer(self.tokenizer)  # an objective that samples decodes with it
-        self.policy = Policy(cfg, plan.objective, self.tokenizer, acc, logger)
+        self.policy = Policy(cfg, plan.objective, self.tokenizer, acc, get_engine(cfg, acc, logger), logger)
         plan.objective.vocab = self.policy.unwrapped().config.vocab_size  # the head's rows: the logits' width
         self.stream = get_stream(cfg, plan, self.tokenizer, acc, logger)
         if cfg.max_tokens_per_batch:
@@ -177,6 +177,9 @@ class ChatTrainer:
         if path is None:
             return
         if ckpt.is_legacy(path):
+            if self.policy.engine.name.startswith("fsdp"):
+                raise UserError(f"{path} is a train state in the old format, which loads only unsharded: resume it "
+                                "without --fsdp once (its next state is in the new format), then with --fsdp")
             self.store.load_legacy(path, self.optimizer, self.stream)
         else:
             self.store.load(path, self.policy, self.optimizer, self.stream, self.accelerator.scaler)
@@ -199,7 +202,7 @@ class ChatTrainer:
                         disable=not (acc.is_main_process and sys.stderr.isatty()), desc="train", unit="step",
                         dynamic_ncols=True, mininterval=1.0)
         self.logger.info(f"training: {self.total_steps} optimizer steps, {acc.num_processes} process(es), "
-                         f"device {acc.device}, mixed precision {acc.mixed_precision}")
+                         f"device {acc.device}, mixed precision {acc.mixed_precision}, engine {self.policy.engine.name}")
         self.meters.reset()
         self.update.last_lr = cfg.learn_rate * self.update.schedule(progress.step)
         self.run.start_clock()
@@ -273,6 +276,7 @@ class ChatTrainer:
         acc, model = self.accelerator, self.policy.model
         self.update.units += all_units
         with acc.accumulate(model):
+            self.policy.set_gradient_sync(acc.sync_gradients)
             loss, values = self.objective.loss(model, batch, self.policy.reference, update)
             self.call_hooks("on_loss", batch, loss, values)
             acc.backward(loss * weight)  # Accelerate divides by gradient_accumulation_steps: once
@@ -317,8 +321,7 @@ class ChatTrainer:
         params = u.params
         if scale != 1.0:
             torch._foreach_mul_([p.grad for p in params if p.grad is not None], scale)
-        # One norm for all processes (gradients are already averaged), so all decide alike.
-        u.grad_norm = acc.clip_grad_norm_(params, cfg.max_grad_norm or float("inf"))
+        u.grad_norm = self.policy.clip_grad_norm(params, cfg.max_grad_norm or float("inf"))
         if acc.mixed_precision == "fp16":  # the grad scaler skips overflowing steps itself
             self.optimizer.step()
             self.store.confirm()

@@ -578,11 +578,14 @@ def test_a_shape_flag_the_checkpoint_overrides_is_a_warning(tmp_path, data_dir, 
     assert len(lines) == 1 and "d_model 768" in lines[0] and "d_model 128" in lines[0], loud.stdout
 
 
-def test_deepspeed_and_fsdp_environments_are_refused_on_every_device(tmp_path, data_dir, tokenizer_dir):
+def test_deepspeed_and_fsdp1_environments_are_refused_on_every_device(tmp_path, data_dir, tokenizer_dir):
+    # DeepSpeed (pickled checkpoints) and Accelerate's FSDP version 1 are refused, on a CPU too,
+    # naming what to launch instead (an FSDP2 config is read as --fsdp: tests/test_engines.py).
     flags = tiny_flags(tmp_path, data_dir, tokenizer_dir, max_steps=1)
     for variable in ("ACCELERATE_USE_DEEPSPEED", "ACCELERATE_USE_FSDP"):
         proc = run_cli("train.py", "train", *as_args(flags), check=False, env={variable: "true"})
         assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
         assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1
-        assert "configs/accelerate/ddp.yaml" in proc.stderr
+        assert "configs/accelerate/fsdp2.yaml" in proc.stderr
+        assert ("--fsdp=grad_op" if "DEEPSPEED" in variable else "fsdp_version: 2") in proc.stderr
         assert not os.path.exists(flags["output_dir"])

@@ -1,0 +1,219 @@
+"""Engines: FSDP2 (`--fsdp=full`, `--fsdp=grad_op`) on the one loop, next to DDP, over two CPU
+processes joined by gloo, launched as a user would (accelerate launch with either shipped config,
+or torchrun). A train state is one format under every engine: it resumes bit-exactly under the
+engine that saved it, moves between FSDP2 and DDP with its weights and optimizer state exact,
+and loads into one process."""
+import os
+import pickle
+import re
+import shutil
+import signal
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import model.checkpoint as ckpt
+from conftest import ROOT, as_args, cli, free_port, launch, tiny_flags, train
+from test_trainer import logged_by_step, mode_data, read_trace
+
+
+def command(flags, engine):
+    """A two-process launch of `train.py train` under `engine`: ddp (the DDP config), full (the
+    Accelerate FSDP2 config, which the trainer reads as --fsdp=full), grad_op (the DDP config with
+    --fsdp=grad_op) or torchrun:MODE (torchrun with --fsdp=MODE)."""
+    port = str(free_port())
+    if engine.startswith("torchrun:"):
+        return [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port", port,
+                "train.py", "train", *as_args({**flags, "fsdp": engine.split(":")[1]})]
+    config = "fsdp2.yaml" if engine == "full" else "ddp.yaml"
+    extra = {"fsdp": engine} if engine == "grad_op" else {}
+    return [sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", port, "--config_file",
+            os.path.join(ROOT, "configs", "accelerate", config), "train.py", "train", *as_args({**flags, **extra})]
+
+
+def run(flags, engine):
+    proc = launch(command(flags, engine))
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return proc.stdout
+
+
+def run_until_sigterm(flags, engine, after_step):
+    """Launch, send SIGTERM to rank 0 once step `after_step` is logged; the processes agree to
+    stop after one step and save. Returns the step they stopped at."""
+    import psutil
+    launcher = subprocess.Popen(command(flags, engine), cwd=ROOT, text=True, stdout=subprocess.PIPE,
+                                stderr=subprocess.STDOUT, env={**os.environ, "PYTHONUNBUFFERED": "1"})
+    lines = []
+    for line in launcher.stdout:
+        lines.append(line)
+        if re.search(rf"step {after_step}/", line):
+            rank0 = next(p for p in psutil.Process(launcher.pid).children(recursive=True)
+                         if "train.py" in " ".join(p.cmdline()) and p.environ().get("RANK") == "0")
+            rank0.send_signal(signal.SIGTERM)
+            break
+    lines += launcher.stdout.readlines()
+    assert launcher.wait(timeout=300) == 0, "".join(lines[-40:])
+    return int(re.search(r"stopped at step (\d+)", "".join(lines)).group(1))
+
+
+def same_state(a: str, b: str) -> None:
+    """Two train states hold bit-equal weights and optimizer states."""
+    wa, wb = load_file(os.path.join(a, ckpt.MODEL_FILE)), load_file(os.path.join(b, ckpt.MODEL_FILE))
+    assert wa.keys() == wb.keys()
+    for k in wa:
+        assert torch.equal(wa[k], wb[k]), k
+    oa, ob = (torch.load(os.path.join(p, ckpt.OPTIMIZER_FILE), weights_only=True) for p in (a, b))
+    assert oa["param_groups"] == ob["param_groups"] and oa["state"].keys() == ob["state"].keys()
+    for i, state in oa["state"].items():
+        for k, v in state.items():
+            assert torch.equal(v, ob["state"][i][k]), (i, k)
+
+
+def train_straight_and_resumed(tmp_path, data_dir, tokenizer_dir, engine, common) -> tuple[dict, str]:
+    """One uninterrupted run under `engine`, and one stopped by SIGTERM after step 3 and resumed:
+    the same train state, final weights, batches and logged numbers, bit for bit. Returns the
+    uninterrupted run's flags and output."""
+    straight = tiny_flags(tmp_path / "a", data_dir, tokenizer_dir, **common)
+    out = run(straight, engine)
+    assert f"engine fsdp2 {engine.split(':')[-1]}" in out and "parameters held by this process" in out
+    flags = tiny_flags(tmp_path / "b", data_dir, tokenizer_dir, **common)
+    stopped = run_until_sigterm(flags, engine, 3)
+    assert 3 <= stopped < common["max_steps"]
+    resumed = run({**flags, "is_keep_training": True}, engine)
+    assert "resumed from" in resumed and f"step {stopped + 1}/" in resumed
+    last = os.path.basename(ckpt.list_states(straight["train_state_dir"])[-1])
+    same_state(os.path.join(straight["train_state_dir"], last), os.path.join(flags["train_state_dir"], last))
+    a, b = (load_file(os.path.join(d["output_dir"], "final", "model.safetensors")) for d in (straight, flags))
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert read_trace(flags["output_dir"]) == read_trace(straight["output_dir"])
+    names = ("train/loss", "train/reward", "train/completion_length") if "reward" in common else ("train/loss",)
+    assert logged_by_step(flags["output_dir"], names) == logged_by_step(straight["output_dir"], names)
+    from transformers import AutoModelForSeq2SeqLM
+    for saved in ("best", "final"):  # whole models, LoRA merged, gathered from the shards
+        AutoModelForSeq2SeqLM.from_pretrained(os.path.join(straight["output_dir"], saved))
+    return straight, out
+
+
+def check_trains_as_ddp(tmp_path, data_dir, tokenizer_dir, common, sharded: dict, sharded_out: str) -> dict:
+    """The same steps under DDP: losses within 1e-5 (the reductions add in another order), the same
+    GRPO samples (rewards and lengths at every step), the same greedy answers in every evaluation
+    and test report. Returns the DDP run's flags."""
+    ddp = tiny_flags(tmp_path / "ddp", data_dir, tokenizer_dir, **common)
+    ddp_out = run(ddp, "ddp")
+    names = ("train/loss", "train/reward", "train/completion_length") if "reward" in common else ("train/loss",)
+    logged, ddp_logged = (logged_by_step(d["output_dir"], names) for d in (sharded, ddp))
+    assert logged.keys() == ddp_logged.keys() and len(logged) == common["max_steps"]
+    for step, values in logged.items():
+        assert values[0] == pytest.approx(ddp_logged[step][0], rel=1e-5, abs=1e-6), step
+        assert values[1:] == ddp_logged[step][1:], step
+
+    def answers(log):
+        return [line.split(" ", 2)[2] for line in log.splitlines() if " -> " in line or "eval at" in line]
+    assert answers(sharded_out) == answers(ddp_out) and len(answers(ddp_out)) >= 2
+    return ddp
+
+
+def resume_flags(mode, base_model, data_dir, tmp_path, trainable, precision, **extra):
+    common = {**dict(max_steps=8, gradient_accumulation_steps=2, trace_samples=True, mixed_precision=precision,
+                     eval_steps=4, **mode_data(mode, base_model, data_dir, tmp_path)), **extra}
+    if trainable != "all":
+        common.update(trainable=trainable, lora_dropout=0.0)
+    return common
+
+
+# Between them: both engines, both precisions, each of what trains and each objective; the
+# fp32 ones also against DDP. The first case (LoRA, full) also moves states between engines.
+@pytest.mark.parametrize("mode,trainable,engine,precision", [("dpo", "decoder", "torchrun:grad_op", "bf16"),
+                                                             ("grpo", "all", "grad_op", "no")])
+def test_fsdp2_resumes_bit_exactly(tmp_path, data_dir, tokenizer_dir, base_model, mode, trainable, engine, precision):
+    extra = dict(gradient_accumulation_steps=1, test_file=str(data_dir / "valid.parquet")) if mode == "grpo" else {}
+    common = resume_flags(mode, base_model, data_dir, tmp_path, trainable, precision, **extra)
+    straight, out = train_straight_and_resumed(tmp_path, data_dir, tokenizer_dir, engine, common)
+    if precision == "no":
+        check_trains_as_ddp(tmp_path, data_dir, tokenizer_dir, common, straight, out)
+
+
+def test_fsdp2_lora_resumes_bit_exactly_and_states_move_between_engines(tmp_path, data_dir, tokenizer_dir, base_model,
+                                                                         capsys):
+    """LoRA with kl_beta through the chunked head (the reference's head gathered whole), under the
+    Accelerate FSDP2 config: a bit-exact resume, the run DDP makes, and its train states moved
+    DDP -> FSDP2 -> DDP and into one process with weights and optimizer state exact (each resume
+    at the saved step saves again at once, and the files agree)."""
+    common = resume_flags("lora+kl", base_model, data_dir, tmp_path, "lora", "no", loss_chunk_tokens=7)
+    straight, out = train_straight_and_resumed(tmp_path, data_dir, tokenizer_dir, "full", common)
+    ddp = check_trains_as_ddp(tmp_path, data_dir, tokenizer_dir, common, straight, out)
+    ddp_state = ckpt.list_states(ddp["train_state_dir"])[-1]
+    moves = []
+    for engine in ("full", "ddp"):
+        previous = moves[-1] if moves else ddp_state
+        there = tiny_flags(tmp_path / f"to_{engine}", data_dir, tokenizer_dir, **common, is_keep_training=True)
+        shutil.copytree(previous, os.path.join(there["train_state_dir"], os.path.basename(previous)))
+        out = run(there, engine)
+        assert "resumed from" in out and f"engine {'fsdp2 full' if engine == 'full' else 'ddp'}" in out
+        (state,) = ckpt.list_states(there["train_state_dir"])
+        same_state(previous, state)
+        moves.append(state)
+    fsdp_state = moves[0]
+
+    # The FSDP2-saved state's weights and optimizer state, into one process.
+    single = train(tiny_flags(tmp_path / "one", data_dir, tokenizer_dir, **{**common, "max_steps": 1}))
+    saved = load_file(os.path.join(fsdp_state, ckpt.MODEL_FILE))
+    reference = torch.load(os.path.join(fsdp_state, ckpt.OPTIMIZER_FILE), weights_only=True)
+    ckpt.load_model_weights(single.policy, saved, fsdp_state)
+    ckpt.load_optimizer(single.policy, single.optimizer, reference, fsdp_state)
+    weights = single.policy.model_state()
+    assert all(torch.equal(weights[k], v) for k, v in saved.items())
+    optimizer = single.policy.optimizer_state(single.optimizer)
+    assert optimizer["param_groups"] == reference["param_groups"]
+    assert all(torch.equal(optimizer["state"][i][k], v) for i, s in reference["state"].items() for k, v in s.items())
+    # A resume on another number of processes is one line (the data position is per process).
+    again = tiny_flags(tmp_path / "again", data_dir, tokenizer_dir, **{**common, "max_steps": 10},
+                       is_keep_training=True)
+    shutil.copytree(fsdp_state, os.path.join(again["train_state_dir"], os.path.basename(fsdp_state)))
+    proc = cli(capsys, "train", *as_args(again))
+    assert proc.returncode == 2 and "the same number of processes" in proc.stderr and proc.stderr.count("\n") == 1
+
+    # A planted pickle anywhere in an FSDP2 state never runs: in the optimizer file (with the
+    # manifest rewritten to match) it is one error line; torch.distributed.checkpoint's pickled
+    # `.metadata` is never read.
+    marker = tmp_path / "marker"
+
+    class Payload:
+        def __reduce__(self):
+            return os.system, (f"touch {marker}",)
+
+    planted = tiny_flags(tmp_path / "planted", data_dir, tokenizer_dir, **{**common, "max_steps": 10},
+                         is_keep_training=True)
+    state = os.path.join(planted["train_state_dir"], os.path.basename(fsdp_state))
+    shutil.copytree(fsdp_state, state)
+    with open(os.path.join(state, ".metadata"), "wb") as f:
+        f.write(pickle.dumps(Payload()))
+    optimizer_file = os.path.join(state, ckpt.OPTIMIZER_FILE)
+    content = torch.load(optimizer_file, weights_only=True)
+    content["state"][0]["exp_avg"] = Payload()
+    torch.save(content, optimizer_file)
+    os.remove(os.path.join(state, ckpt.MANIFEST))
+    ckpt.write_manifest(state)
+    proc = launch(command(planted, "full"))
+    assert proc.returncode != 0 and not marker.exists()
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("error: ")]
+    assert len(errors) == 1 and "refusing to load" in errors[0], proc.stderr[-3000:]
+    assert "[rank0]: Traceback" not in proc.stderr and "[rank1]: Traceback" not in proc.stderr
+
+
+def test_engine_mistakes_are_one_line(tmp_path, data_dir, tokenizer_dir, capsys):
+    # DeepSpeed and FSDP version 1 launches: tests/test_reliability.py.
+    flags = tiny_flags(tmp_path, data_dir, tokenizer_dir, max_steps=1)
+    cases = [({"fsdp": "full", "mixed_precision": "fp16"}, "no sharded grad scaler"),
+             ({"fsdp": "grad_op", "optimizer": "adafactor"}, "--optimizer=adamw"),
+             ({"fsdp": "full", "torch_compile": True}, "not supported yet"),
+             ({"fsdp": "zero3"}, "is not one of")]
+    for change, message in cases:
+        proc = cli(capsys, "train", *as_args({**flags, **change}))
+        assert proc.returncode == 2 and "Traceback" not in proc.stderr, proc.stderr
+        assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1 and message in proc.stderr, \
+            proc.stderr
+        assert not os.path.exists(flags["output_dir"])
