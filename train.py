@@ -161,10 +161,13 @@ def make_dpo_pairs(model_dir: str, input: str, output: str, batch_size: int = 32
 
 
 def serve(model_dir: str = "./model_save/best", host: str = "127.0.0.1", port: int = 8000, api_key: str = "",
-          allow_remote_without_key: bool = False, model_name: str = "", max_batch_size: int = 16,
-          max_queue: int = 64, batch_wait_ms: float = 10.0, max_body_bytes: int = 64 * 1024,
-          max_prompt_tokens: int = 0, max_tokens: int = 1024, timeout_s: float = 300.0, device: str = ""):
-    """Serve a model over HTTP: OpenAI's /v1/chat/completions (streaming too), /api/chat, a web chat at /.
+          allow_remote_without_key: bool = False, model_name: str = "", allowed_hosts: str = "",
+          allowed_origins: str = "", max_batch_size: int = 16, max_queue: int = 64, max_body_bytes: int = 64 * 1024,
+          max_prompt_tokens: int = 0, max_tokens: int = 1024, max_stops: int = 4, max_stop_chars: int = 64,
+          timeout_s: float = 300.0, max_connections: int = 256, header_timeout_s: float = 10.0,
+          body_timeout_s: float = 30.0, keepalive_s: float = 15.0, drain_timeout_s: float = 30.0, device: str = ""):
+    """Serve a model over HTTP: OpenAI's /v1/chat/completions and /v1/completions (streaming too),
+    /api/chat, a web chat at /, /metrics for Prometheus.
 
     Args:
         model_dir: a model directory written by `train` (best/ or final/).
@@ -173,18 +176,27 @@ def serve(model_dir: str = "./model_save/best", host: str = "127.0.0.1", port: i
         api_key: clients must send 'Authorization: Bearer KEY'; default: $CHATLM_API_KEY, else no key.
         allow_remote_without_key: listen on a non-local --host without a key, on purpose.
         model_name: the model's id in the API; default: the last two parts of model_dir (demo/best).
-        max_batch_size: requests generated together.
+        allowed_hosts: host names the Host header may name besides --host, localhost and 127.0.0.1 (a,b; '*': any).
+        allowed_origins: web origins whose pages may call the API from a browser (CORS), e.g. http://localhost:3000.
+        max_batch_size: rows decoded together; new requests join at the next step.
         max_queue: requests waiting beyond those; more in flight are answered 429.
-        batch_wait_ms: how long the first waiting request waits for others to join its batch.
         max_body_bytes: the largest request body (413 beyond).
         max_prompt_tokens: the longest prompt in tokens (400 beyond); 0: the tokenizer's model_max_length.
         max_tokens: the most tokens a request may ask to generate (400 beyond).
+        max_stops: stop strings per request.
+        max_stop_chars: characters per stop string.
         timeout_s: seconds a request may wait and generate in all (504 beyond).
+        max_connections: open connections and requests at once (503 beyond).
+        header_timeout_s: seconds a client may take to send a request's headers (the connection is closed beyond).
+        body_timeout_s: seconds a client may take to send a request's body (408 beyond).
+        keepalive_s: a stream that waits sends an SSE comment this often, so proxies keep it open.
+        drain_timeout_s: on SIGTERM or Ctrl+C, seconds the requests in flight may take to finish.
         device: cpu, cuda, cuda:1, ...; default: cuda when there is one.
     """
     from serve.options import start
     start(model_dir, host, port, api_key, allow_remote_without_key, model_name, max_batch_size, max_queue,
-          batch_wait_ms, max_body_bytes, max_prompt_tokens, max_tokens, timeout_s, device)
+          max_body_bytes, max_prompt_tokens, max_tokens, timeout_s, device, allowed_hosts, allowed_origins,
+          max_connections, header_timeout_s, body_timeout_s, drain_timeout_s, keepalive_s, max_stops, max_stop_chars)
 
 
 def plot(output_dir: str = TrainConfig.output_dir, metric: str = ""):

@@ -407,6 +407,16 @@ class Matrix:
             ("serve: zero batch", lambda: c("serve: zero batch", t, "serve", f"--model_dir={final}",
                                             "--max_batch_size=0")),
             ("serve: typo'd flag", lambda: c("serve: typo'd flag", t, "serve", f"--model_dir={final}", "--prot=1")),
+            ("serve: every address without --allowed_hosts", lambda: c(
+                "serve: every address without --allowed_hosts", t, "serve", f"--model_dir={final}", "--host=0.0.0.0",
+                "--api_key=k", message="--allowed_hosts")),
+            ("serve: an origin without a scheme", lambda: c("serve: an origin without a scheme", t, "serve",
+                                                            f"--model_dir={final}", "--allowed_origins=evil.example",
+                                                            message="scheme://")),
+            ("serve: zero header deadline", lambda: c("serve: zero header deadline", t, "serve", f"--model_dir={final}",
+                                                      "--header_timeout_s=0", message="--header_timeout_s")),
+            ("serve: zero stop length", lambda: c("serve: zero stop length", t, "serve", f"--model_dir={final}",
+                                                  "--max_stop_chars=0", message="--max_stop_chars")),
             ("mix: weight 0", lambda: self.yaml_case("mix: weight 0", f"train_file: {{{self.train_file}: 0}}\n")),
             ("mix: a file in two sources", lambda: self.yaml_case(
                 "mix: a file in two sources", f"train_file: {{{self.train_file}: 1, '{self.data}/train*': 2}}\n")),

@@ -23,26 +23,31 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
-@contextlib.contextmanager
-def live_server(model_dir, api_key=None, max_batch_size=16, max_queue=64, batch_wait_ms=10, **limits):
-    """`train.py serve` in a thread of this process; yields its base URL."""
-    import uvicorn
+class Base(str):
+    """A running server's base URL, with the `server` (serve.app.Server) and `http` (uvicorn) behind it."""
 
+
+@contextlib.contextmanager
+def live_server(model_dir, api_key=None, max_batch_size=16, max_queue=64, log=None, network=None, **limits):
+    """`train.py serve` (its uvicorn server, guard and limits) in a thread of this process; yields
+    its base URL."""
     from model.infer import ChatBot
-    from serve.app import Limits, Server, create_app
+    from serve.app import Limits, Network, Server, uvicorn_server
     bot = ChatBot(model_dir, "cpu")
     limits = Limits(**{"max_prompt_tokens": bot.max_prompt_tokens, "default_max_tokens": bot.max_new_tokens, **limits})
-    server = Server(bot, "test/model", api_key, limits, max_batch_size, max_queue, batch_wait_ms, log=lambda _: None)
+    server = Server(bot, "test/model", api_key, limits, max_batch_size, max_queue, log=log or (lambda _: None))
     port = free_port()
-    http = uvicorn.Server(uvicorn.Config(create_app(server), host="127.0.0.1", port=port, log_level="error"))
+    http = uvicorn_server(server, Network(port=port, **(network or {})), log_level="error")
     thread = threading.Thread(target=http.run, daemon=True)
     thread.start()
     deadline = time.monotonic() + 30
     while not http.started:
         assert time.monotonic() < deadline and thread.is_alive(), "the server did not start"
         time.sleep(0.02)
+    base = Base(f"http://127.0.0.1:{port}")
+    base.server, base.http, base.thread = server, http, thread
     try:
-        yield f"http://127.0.0.1:{port}"
+        yield base
     finally:
         http.should_exit = True
         thread.join(timeout=30)
@@ -164,14 +169,14 @@ def test_stop_strings_max_tokens_and_seeded_sampling(url, bot):
 
 def test_seeded_sampling_is_the_same_in_any_batch(bot):
     """A seeded request samples the same text alone and in a batch with others."""
-    from serve.engine import BatchEngine, Job, Settings
+    from serve.engine import Engine, Job, Settings
 
     def run(prompts, seeds):
-        engine, done = BatchEngine(bot.model, bot.tokenizer, max_batch_size=16), {}
+        engine, done = Engine(bot.model, bot.tokenizer, max_batch_size=16), {}
         jobs = [Job(bot.tokenizer(p)["input_ids"], Settings(max_tokens=16, temperature=1.2, top_p=0.9, seed=seed),
                     lambda kind, payload, i=i: done.__setitem__(i, payload) if kind == "done" else None)
                 for i, (p, seed) in enumerate(zip(prompts, seeds))]
-        engine.decode(jobs)
+        engine.generate(jobs)
         return [done[i].text for i in range(len(prompts))]
     seeds = [11, 12, 13, 14]
     together = run(PROMPTS, seeds)
@@ -336,3 +341,277 @@ def test_web_page_streams_an_answer_in_a_real_browser(url, bot, tmp_path):
         assert os.path.getsize(tmp_path / "chat.png") > 1000
     finally:
         driver.quit()
+
+
+# ---- serving v2: safe from other pages, bounded, continuously batched, completions, metrics ----
+
+def test_other_web_pages_cannot_use_the_server(base_model, url):
+    body = json.dumps({"messages": [{"role": "user", "content": PROMPTS[0]}]})
+    # A browser sends a cross-site text/plain POST without asking first: refused.
+    plain = httpx.post(f"{url}/v1/chat/completions", content=body, headers={"Content-Type": "text/plain"}, timeout=60)
+    assert plain.status_code == 415 and plain.json()["error"]["code"] == "unsupported_media_type"
+    # DNS rebinding: the page's own name in the Host header.
+    rebound = httpx.get(f"{url}/v1/models", headers={"Host": "evil.example"}, timeout=60)
+    assert rebound.status_code == 421 and "evil.example" in rebound.json()["error"]["message"]
+    assert httpx.get(f"{url}/v1/models", headers={"Host": "localhost:1"}, timeout=60).status_code == 200
+    # A cross-origin request, and its preflight, from an origin not allowed.
+    evil = {"Origin": "http://evil.example", "Content-Type": "application/json"}
+    assert httpx.post(f"{url}/v1/chat/completions", content=body, headers=evil, timeout=60).status_code == 403
+    preflight = {"Origin": "http://evil.example", "Access-Control-Request-Method": "POST",
+                 "Access-Control-Request-Headers": "content-type"}
+    refused = httpx.options(f"{url}/v1/chat/completions", headers=preflight, timeout=60)
+    assert refused.status_code == 403 and "access-control-allow-origin" not in refused.headers
+    # The server's own page is same-origin.
+    own = {"Origin": url, "Content-Type": "application/json"}
+    assert httpx.post(f"{url}/v1/chat/completions", content=body, headers=own, timeout=60).status_code == 200
+    network = {"allowed_origins": ("http://app.example",), "allowed_hosts": ("chat.example",)}
+    with live_server(base_model, network=network) as base:
+        allowed = {"Origin": "http://app.example", "Content-Type": "application/json", "Host": "chat.example"}
+        response = httpx.post(f"{base}/v1/chat/completions", content=body, headers=allowed, timeout=60)
+        assert response.status_code == 200 and response.headers["access-control-allow-origin"] == "http://app.example"
+        answer = httpx.options(f"{base}/v1/chat/completions", headers={**preflight, "Origin": "http://app.example"},
+                               timeout=60)
+        assert answer.status_code == 200 and answer.headers["access-control-allow-origin"] == "http://app.example"
+        assert "POST" in answer.headers["access-control-allow-methods"]
+        assert httpx.get(f"{base}/health", headers={"Host": "other.example"}, timeout=60).status_code == 421
+
+
+def test_stop_strings_are_bounded_and_cost_the_same_per_token(endless_model):
+    with live_server(endless_model, max_tokens=10_000) as base:
+        endpoint = f"{base}/v1/chat/completions"
+        user = [{"role": "user", "content": PROMPTS[0]}]
+        huge = httpx.post(endpoint, json={"messages": user, "stop": ["好" * 16384]}, timeout=60)
+        assert huge.status_code == 400 and huge.json()["error"]["param"] == "stop" and "64" in huge.text
+        sample = httpx.post(endpoint, json={"messages": user, "max_tokens": 40}, timeout=60).json()
+        text = sample["choices"][0]["message"]["content"]
+        # Four stops of the most characters allowed, each the answer's own text up to its last
+        # character then one it never writes: every token extends a partial match, none completes.
+        stops = [(text * 64)[k:k + 63] + "☃" for k in range(4)]
+
+        def seconds(**fields):
+            start = time.perf_counter()
+            with httpx.stream("POST", endpoint, timeout=60,
+                              json={"messages": user, "stream": True, "max_tokens": 200, **fields}) as response:
+                chunks = [line for line in response.iter_lines() if line.startswith("data: {")]
+            return time.perf_counter() - start, chunks
+        seconds()  # warm up
+        plain = sorted(seconds()[0] for _ in range(3))[1]
+        stopped = [seconds(stop=stops) for _ in range(3)]
+        with_stops = sorted(s for s, _ in stopped)[1]
+        assert stopped[0][1][-1].count('"finish_reason":"length"') or '"length"' in stopped[0][1][-1]
+        assert with_stops < 2 * plain, (with_stops, plain)
+
+
+def test_a_client_sending_headers_slowly_is_cut_off_and_others_are_served(url, base_model):
+    with live_server(base_model, network={"header_timeout_s": 2.0}, body_timeout_s=1.0) as base:
+        port = int(base.rsplit(":", 1)[1])
+        slow = socket.create_connection(("127.0.0.1", port))
+        started = time.monotonic()
+        request = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 100
+        closed_after = None
+        slow.settimeout(0.05)
+        for byte in request:
+            try:
+                slow.sendall(bytes([byte]))
+                if slow.recv(1) == b"":
+                    closed_after = time.monotonic() - started
+                    break
+            except TimeoutError:
+                pass
+            except OSError:
+                closed_after = time.monotonic() - started
+                break
+            if 0.5 < time.monotonic() - started < 0.7:  # meanwhile another client is served at once
+                assert httpx.get(f"{base}/health", timeout=5).status_code == 200
+            time.sleep(0.25)
+        slow.close()
+        assert closed_after is not None and 1.9 < closed_after < 4, closed_after
+        # A body that stops half way is 408 at its deadline.
+        body = socket.create_connection(("127.0.0.1", port))
+        body.sendall(b"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                     b"Content-Length: 100\r\n\r\n{\"messages\":")
+        body.settimeout(10)
+        reply = body.recv(4096)
+        body.close()
+        assert reply.startswith(b"HTTP/1.1 408") and b"request_timeout" in reply
+
+
+def test_a_short_request_joins_a_long_one_and_leaves_first(endless_model):
+    from model.infer import ChatBot
+    bot = ChatBot(endless_model, "cpu")
+    long_answer = bot.answer(PROMPTS[0], max_new_tokens=200)[0]
+    short_answer = bot.answer(PROMPTS[1], max_new_tokens=5)[0]
+    with live_server(endless_model, max_tokens=1000) as base:
+        endpoint = f"{base}/v1/chat/completions"
+        with httpx.stream("POST", endpoint, timeout=60, json={"messages": [{"role": "user", "content": PROMPTS[0]}],
+                                                              "stream": True, "max_tokens": 200}) as stream:
+            pieces, lines = [], stream.iter_lines()
+            for line in lines:
+                if line.startswith("data: {") and json.loads(line[6:])["choices"][0]["delta"].get("content"):
+                    pieces.append(json.loads(line[6:])["choices"][0]["delta"]["content"])
+                    break
+            short = httpx.post(endpoint, timeout=60, json={"messages": [{"role": "user", "content": PROMPTS[1]}],
+                                                           "max_tokens": 5})
+            # The short answer is done while the long one is still being generated.
+            meanwhile = httpx.get(f"{base}/health", timeout=60).json()
+            assert meanwhile["running"] == 1 and meanwhile["answered"] == 1 and meanwhile["tokens_generated"] < 200
+            for line in lines:
+                if line.startswith("data: {"):
+                    pieces.append(json.loads(line[6:])["choices"][0]["delta"].get("content") or "")
+        assert short.json()["choices"][0]["message"]["content"] == short_answer
+        assert "".join(pieces) == long_answer
+        stats = httpx.get(f"{base}/health", timeout=60).json()
+        assert stats["largest_batch"] == 2 and stats["batches"] == 2  # two admissions, one batch of both rows
+
+
+def test_completions_and_logprobs_through_the_openai_client(url, bot):
+    import torch
+    from openai import OpenAI
+    client = OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=60)
+    inputs = bot.encode([PROMPTS[2]])
+    out = bot.model.generate(**inputs, max_new_tokens=6, do_sample=False, output_logits=True,
+                             return_dict_in_generate=True, decoder_start_token_id=0, pad_token_id=0, eos_token_id=1)
+    ids = out.sequences[0, 1:].tolist()
+    vocab = len(bot.tokenizer)
+    expected = [float(torch.log_softmax(step[0, :vocab].float(), -1)[t]) for step, t in zip(out.logits, ids)]
+    text = bot.tokenizer.decode(ids, skip_special_tokens=True)
+    plain = client.completions.create(model="test/model", prompt=PROMPTS[2], max_tokens=6, temperature=0, logprobs=2)
+    choice = plain.choices[0]
+    assert choice.text == text and plain.usage.completion_tokens == len(ids)
+    n = len(choice.logprobs.token_logprobs)
+    assert choice.logprobs.token_logprobs == pytest.approx(expected[:n], abs=1e-4) and n >= len(ids) - 1
+    assert all(len(top) == 2 and max(top.values()) >= lp - 1e-6
+               for top, lp in zip(choice.logprobs.top_logprobs, choice.logprobs.token_logprobs))
+    chunks = list(client.completions.create(model="test/model", prompt=PROMPTS[2], max_tokens=6, temperature=0,
+                                            logprobs=0, stream=True))
+    assert "".join(c.choices[0].text for c in chunks) == text
+    streamed = [lp for c in chunks if c.choices[0].logprobs for lp in c.choices[0].logprobs.token_logprobs]
+    assert streamed == pytest.approx(expected[:len(streamed)], abs=1e-4) and len(streamed) == n
+    several = client.completions.create(model="test/model", prompt=PROMPTS[:3], max_tokens=6, temperature=0)
+    assert [c.index for c in several.choices] == [0, 1, 2]
+    assert [c.text for c in several.choices] == bot.answer(PROMPTS[:3], max_new_tokens=6)
+    chat = client.chat.completions.create(model="test/model", messages=[{"role": "user", "content": PROMPTS[2]}],
+                                          max_tokens=6, temperature=0, logprobs=True, top_logprobs=3)
+    content = chat.choices[0].logprobs.content
+    assert [c.logprob for c in content] == pytest.approx(expected[:len(content)], abs=1e-4)
+    assert all(len(c.top_logprobs) == 3 for c in content)
+
+
+def test_metrics_count_requests_and_each_request_has_an_id(base_model):
+    from prometheus_client.parser import text_string_to_metric_families
+    lines = []
+    with live_server(base_model, log=lines.append) as base:
+        def samples():
+            text = httpx.get(f"{base}/metrics", timeout=60).text
+            return {(s.name, tuple(sorted(s.labels.items()))): s.value
+                    for family in text_string_to_metric_families(text) for s in family.samples}
+        before = samples()
+        body = {"messages": [{"role": "user", "content": PROMPTS[0]}]}
+        answers = [httpx.post(f"{base}/v1/chat/completions", json=body, timeout=60) for _ in range(3)]
+        done = httpx.post(f"{base}/v1/completions", json={"prompt": PROMPTS[1], "max_tokens": 4}, timeout=60)
+        bad = httpx.post(f"{base}/v1/chat/completions", json={"messages": []}, timeout=60)
+        mine = httpx.get(f"{base}/health", headers={"X-Request-Id": "trace-42"}, timeout=60)
+        after = samples()
+
+        def moved(name, **labels):
+            key = (name, tuple(sorted(labels.items())))
+            return after.get(key, 0) - before.get(key, 0)
+        assert moved("chatlm_requests_total", path="/v1/chat/completions", status="200") == 3
+        assert moved("chatlm_requests_total", path="/v1/chat/completions", status="400") == 1
+        assert moved("chatlm_requests_total", path="/v1/completions", status="200") == 1
+        tokens = sum(a.json()["usage"]["completion_tokens"] for a in answers) + done.json()["usage"]["completion_tokens"]
+        assert moved("chatlm_generation_tokens_total") == tokens
+        assert moved("chatlm_time_to_first_token_seconds_count") == 4
+        assert moved("chatlm_time_per_output_token_seconds_count") == tokens
+        assert after[("chatlm_queue_depth", ())] == 0 and moved("chatlm_batch_size_count") >= 1
+        for response in (*answers, bad):
+            request_id = response.headers["x-request-id"]
+            logged = [line for line in lines if line.startswith(request_id + " ")]
+            assert len(logged) == 1 and f" {response.status_code} " in logged[0], lines[-5:]
+        assert mine.headers["x-request-id"] == "trace-42" and any(line.startswith("trace-42 ") for line in lines)
+        card = httpx.get(f"{base}/v1/models/test/model", timeout=60).json()
+        assert card["max_model_len"] > 0 and card["max_tokens"] == 1024
+        assert httpx.get(f"{base}/v1/models/other", timeout=60).status_code == 404
+
+
+def test_a_cancelled_request_frees_its_place_at_once_and_a_waiting_stream_stays_alive(endless_model):
+    with live_server(endless_model, max_batch_size=1, max_queue=1, max_tokens=100_000, keepalive_s=0.2) as base:
+        endpoint, user = f"{base}/v1/chat/completions", [{"role": "user", "content": PROMPTS[0]}]
+        with httpx.stream("POST", endpoint, timeout=60,
+                          json={"messages": user, "stream": True, "max_tokens": 100_000}) as running:
+            running_lines = running.iter_lines()  # kept: a dropped iterator closes the stream
+            next(line for line in running_lines if line.startswith("data: {"))
+            with pytest.raises(httpx.TimeoutException):  # waits behind the running row, then gives up
+                httpx.post(endpoint, json={"messages": user, "max_tokens": 3}, timeout=0.5)
+            time.sleep(0.6)  # the server notices the client has gone within 0.25 s
+            assert httpx.get(f"{base}/health", timeout=60).json()["waiting"] == 0
+            with httpx.stream("POST", endpoint, timeout=60,
+                              json={"messages": user, "stream": True, "max_tokens": 3}) as waiting:
+                lines = waiting.iter_lines()
+                assert next(lines).startswith("data: {")  # admitted (not 429): the role chunk
+                assert next(line for line in lines if line) == ": keep-alive"  # while it waits its turn
+                running.close()  # the running stream goes: the waiting one runs and ends
+                assert [line for line in lines if line][-1] == "data: [DONE]"
+
+
+def test_health_is_503_with_a_dead_worker_and_errors_are_not_retried(endless_model):
+    with live_server(endless_model, max_tokens=100_000) as base:
+        endpoint, user = f"{base}/v1/chat/completions", [{"role": "user", "content": PROMPTS[0]}]
+        engine = base.server.engine
+
+        def broken(_new):
+            raise RuntimeError("planted failure")
+        engine.step = broken
+        failed = httpx.post(endpoint, json={"messages": user, "max_tokens": 5}, timeout=60)
+        assert failed.status_code == 500 and failed.headers["x-should-retry"] == "false"
+        health = httpx.get(f"{base}/health", timeout=60)
+        assert health.status_code == 503 and health.json()["status"] == "dead" and "planted" in health.json()["error"]
+        assert httpx.post(endpoint, json={"messages": user}, timeout=60).status_code == 503
+    with live_server(endless_model, max_tokens=10**6, timeout_s=0.5) as base:
+        late = httpx.post(f"{base}/v1/chat/completions", timeout=60, json={"messages": user, "max_tokens": 10**6})
+        assert late.status_code == 504 and late.headers["x-should-retry"] == "false"
+
+
+def test_values_openai_allows_are_accepted_and_vllm_sampling_settings_work(url, bot):
+    endpoint, user = f"{url}/v1/chat/completions", [{"role": "user", "content": PROMPTS[0]}]
+    expected = bot.answer(PROMPTS[0])[0]
+    for fields in ({"stream": None}, {"n": None}, {"tools": []}, {"logit_bias": {}}, {"tool_choice": "none"},
+                   {"response_format": {"type": "text"}}, {"stream": True, "stream_options": {"include_obfuscation": False}}):
+        response = httpx.post(endpoint, json={"messages": user, **fields}, timeout=60)
+        assert response.status_code == 200, (fields, response.text)
+        if not fields.get("stream"):
+            assert response.json()["choices"][0]["message"]["content"] == expected
+    for fields, param in (({"tools": [{"type": "function"}]}, "tools"), ({"logit_bias": {"5": 1.0}}, "logit_bias"),
+                          ({"response_format": {"type": "json_object"}}, "response_format.type")):
+        response = httpx.post(endpoint, json={"messages": user, **fields}, timeout=60)
+        assert response.status_code == 400 and response.json()["error"]["param"] == param, response.text
+
+    def ask(**fields):
+        body = httpx.post(endpoint, json={"messages": user, **fields}, timeout=60).json()
+        return body["choices"][0]["message"]["content"], body["usage"]["completion_tokens"]
+    assert ask(temperature=1.5, top_k=1, seed=3)[0] == expected  # top_k=1 is greedy at any temperature
+    assert ask(ignore_eos=True, max_tokens=12)[1] == 12
+    short, _ = ask(max_tokens=12)
+    assert ask(min_tokens=12, max_tokens=12)[1] == 12
+    repeated, _ = ask(max_tokens=12)
+    varied, _ = ask(max_tokens=12, repetition_penalty=5.0)
+    assert len(set(varied)) >= len(set(repeated))
+
+
+def test_sigterm_drains_the_requests_in_flight_then_stops(endless_model):
+    import signal
+    with live_server(endless_model, max_tokens=100_000, network={"drain_timeout_s": 1.0}) as base:
+        endpoint, user = f"{base}/v1/chat/completions", [{"role": "user", "content": PROMPTS[0]}]
+        with httpx.stream("POST", endpoint, timeout=60,
+                          json={"messages": user, "stream": True, "max_tokens": 100_000}) as endless:
+            lines = endless.iter_lines()
+            next(line for line in lines if line.startswith("data: {"))
+            stopped_at = time.monotonic()
+            base.http.handle_exit(signal.SIGTERM, None)
+            status, body = base.server.health()
+            assert status == 503 and body["status"] == "draining"
+            with pytest.raises(httpx.HTTPError):
+                for _ in lines:  # cut at the drain's end
+                    pass
+        base.thread.join(timeout=20)
+        assert not base.thread.is_alive() and time.monotonic() - stopped_at < 5
