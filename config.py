@@ -53,7 +53,8 @@ MODEL_PRESETS = {
 
 @dataclass(frozen=True)
 class TrainConfig:
-    # Data: parquet with string columns prompt/response. train_file may be a path, a glob, a list, or
+    # Data: parquet with string columns prompt/response, or a messages column of {role, content}
+    # turns (conversations: docs/training.md). train_file may be a path, a glob, a list, or
     # {path or glob: weight}: weighted sources, whose rows are drawn in those proportions (see mix_strategy).
     train_file: str | list[str] | dict[str, float] = "./data/my_train_dataset.parquet"  # path, glob, list, weights
     mix_strategy: str = "first_exhausted"  # weights: an epoch ends as one runs out, or all (all_exhausted)
@@ -62,7 +63,8 @@ class TrainConfig:
     test_file: str = ""  # if set, the final model is scored on it at the end of training
     tokenizer_dir: str = "./model_save/tokenizer"  # trained from train_file when missing
     vocab_size: int = 29298  # for a tokenizer trained by `train`
-    max_seq_len: int = 256  # tokens per text, [EOS] included; longer texts are truncated
+    max_seq_len: int = 256  # tokens per text, [EOS] included; longer texts are truncated (a conversation's oldest turns go first)
+    last_turn_only: bool = False  # conversations (a messages column): a row of the last assistant turn only; False: of every one
 
     # Model and modes: an objective, where to start, what trains.
     model_size: str = ""  # a preset of T5ModelConfig: tiny, small, base or large; "": small, or the shape of init_from

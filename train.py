@@ -94,7 +94,8 @@ def evaluate(model_dir: str, test_file: str, max_rows: int = 10**9, batch_size: 
 
 
 def chat(model_dir: str = "./model_save/best", prompt: str | None = None, search_type: str = "greedy"):
-    """Chat in the terminal (streamed answers); with --prompt, answer once and exit.
+    """Chat in the terminal (streamed answers), the conversation kept (/new starts over); with
+    --prompt, answer once and exit.
 
     Args:
         model_dir: a model directory written by `train` (best/ or final/).
@@ -109,7 +110,13 @@ def chat(model_dir: str = "./model_save/best", prompt: str | None = None, search
     if prompt is not None:
         print(bot.answer(str(prompt), search_type=search_type)[0])
         return
-    print("chatlm: type a prompt, an empty line or Ctrl+D to quit")
+    if bot.has_template:
+        print("chatlm: type a message; /new starts a new conversation; an empty line or Ctrl+D quits "
+              "(the oldest turns are dropped when the conversation is longer than the model reads)")
+    else:
+        print("chatlm: this model has no chat template (saved before conversations): each prompt is answered "
+              "alone; an empty line or Ctrl+D quits")
+    history = []
     while True:
         try:
             line = input("> ").strip()
@@ -117,12 +124,23 @@ def chat(model_dir: str = "./model_save/best", prompt: str | None = None, search
             break
         if not line:
             break
-        if search_type == "beam":  # beam search knows its answer only at the end: no streaming
-            print(bot.answer(line, search_type="beam")[0])
+        if line == "/new":
+            history = []
+            print("(a new conversation)")
             continue
-        for piece in bot.stream(line, search_type=search_type):
-            print(piece, end="", flush=True)
-        print()
+        history.append({"role": "user", "content": line})
+        asked = history if bot.has_template else line
+        if search_type == "beam":  # beam search knows its answer only at the end: no streaming
+            answer = bot.answer([asked], search_type="beam")[0]
+            print(answer)
+        else:
+            pieces = []
+            for piece in bot.stream(asked, search_type=search_type):
+                pieces.append(piece)
+                print(piece, end="", flush=True)
+            print()
+            answer = "".join(pieces)
+        history.append({"role": "assistant", "content": answer})
 
 
 def make_dpo_pairs(model_dir: str, input: str, output: str, batch_size: int = 32,  # noqa: A002 (flag name)
@@ -199,6 +217,26 @@ def serve(model_dir: str = "./model_save/best", host: str = "127.0.0.1", port: i
           max_connections, header_timeout_s, body_timeout_s, drain_timeout_s, keepalive_s, max_stops, max_stop_chars)
 
 
+def export(model_dir: str = "./model_save/best", format: str = "onnx", output_dir: str = "",  # noqa: A002 (flag name)
+           overwrite: bool = False):
+    """Export a trained model for other runtimes: ONNX (encoder, decoder, decoder with past key values;
+    the tokenizer and configs beside them), checked against the model before it is kept.
+
+    Args:
+        model_dir: a model directory written by `train` (best/ or final/).
+        format: onnx.
+        output_dir: the directory to write; default: MODEL_DIR/../onnx.
+        overwrite: replace an existing output_dir.
+    """
+    from model.export import FORMATS, export as export_model
+    from model.infer import check_model_dir
+    if format not in FORMATS:
+        raise UserError(f"--format={format!r} is not one of {list(FORMATS)}")
+    check_model_dir(model_dir)
+    export_model(model_dir, output_dir or os.path.join(os.path.dirname(os.path.abspath(model_dir)), "onnx"),
+                 overwrite)
+
+
 def plot(output_dir: str = TrainConfig.output_dir, metric: str = ""):
     """Draw output_dir/plots/training.png from output_dir/metrics.jsonl, also while the run is going.
 
@@ -212,7 +250,7 @@ def plot(output_dir: str = TrainConfig.output_dir, metric: str = ""):
 
 
 COMMANDS = {"train": train, "train_tokenizer": train_tokenizer, "evaluate": evaluate, "chat": chat,
-            "make_dpo_pairs": make_dpo_pairs, "serve": serve, "plot": plot}
+            "make_dpo_pairs": make_dpo_pairs, "serve": serve, "export": export, "plot": plot}
 
 if __name__ == "__main__":
     run_cli(COMMANDS, "train.py")

@@ -1,7 +1,7 @@
 """Write the bundled demo data: three synthetic Chinese tasks a tiny model learns on a CPU.
 
     python data/make_demo_data.py            # writes data/demo_{train,valid,test}.parquet
-                                             # and data/demo_{dpo,style}_{train,valid,test}.parquet
+                                             # and data/demo_{dpo,style,chat}_{train,valid,test}.parquet
 
 Tasks (column `task` names them; `prompt` and `response` are what the trainer reads):
 - `num2zh`:  把1205写成中文数字。          -> 一千二百零五
@@ -10,6 +10,14 @@ Tasks (column `task` names them; `prompt` and `response` are what the trainer re
 
 The alignment demos teach the trained demo model a new style of answer, `是{answer}。`: DPO on
 pairs (chosen in the style, rejected the plain answer) and seq2seq with LoRA and a KL penalty.
+
+The multi-turn demo (`messages`: a conversation of {role, content} turns; data/demo_chat.yaml)
+asks a question that cannot be answered without the earlier turn:
+- `chat_num2zh`:  记住1205。 -> 好的。 -> 把它写成中文数字。 -> 一千二百零五
+- `chat_zh2num`:  记住一千二百零五。 -> 好的。 -> 它是多少？ -> 1205
+- `chat_date2zh`: 记住2024-03-05。 -> 好的。 -> 把它写成中文日期。 -> 二〇二四年三月五日
+a third of them after a system message; its test split also holds the single-turn tasks (as
+one-question conversations), which the demo trains on beside the conversations.
 
 The output is a pure function of the seed. Held-out numbers and dates never occur in the
 training split, in either direction, so the test split measures generalisation.
@@ -84,6 +92,32 @@ def styled(answer: str) -> str:
     return f"是{answer}。"
 
 
+SYSTEM = "你是一个数字助手。"
+
+
+def remembered(task: str, item) -> tuple[str, str, str]:
+    """A conversation's fact, its question about it and the answer."""
+    if task == "chat_num2zh":
+        return str(item), "把它写成中文数字。", to_chinese_number(item)
+    if task == "chat_zh2num":
+        return to_chinese_number(item), "它是多少？", str(item)
+    return item.isoformat(), "把它写成中文日期。", to_chinese_date(item)
+
+
+def conversation(task: str, item, system: bool) -> list[dict]:
+    fact, question, answer = remembered(task, item)
+    turns = [{"role": "user", "content": f"记住{fact}。"}, {"role": "assistant", "content": "好的。"},
+             {"role": "user", "content": question}, {"role": "assistant", "content": answer}]
+    return ([{"role": "system", "content": SYSTEM}] if system else []) + turns
+
+
+def write_chat(rows: list[tuple[str, list[dict]]], path: str) -> None:
+    message = pa.struct([("role", pa.string()), ("content", pa.string())])
+    table = pa.table({"messages": pa.array([m for _, m in rows], pa.list_(message)),
+                      "task": [t for t, _ in rows]})
+    pq.write_table(table, path, compression="zstd")
+
+
 def write_style(rows: list[tuple[str, str, str]], out_dir: str, name: str) -> None:
     """The same prompts as DPO pairs (chosen in the new style, rejected as before) and as
     prompt -> styled response for the seq2seq (LoRA + KL) demo."""
@@ -129,6 +163,24 @@ def main(out_dir: str = os.path.dirname(os.path.abspath(__file__)), seed: int = 
     for name, split in {"train": style_train, "valid": splits["valid"], "test": splits["test"]}.items():
         write_style(split, out_dir, name)
         print(f"{out_dir}/demo_dpo_{name}.parquet, demo_style_{name}.parquet: {len(split)} rows")
+    # The multi-turn demo: the same numbers and dates per split (held-out ones stay held out), a
+    # generator of its own so the files above do not change.
+    chat_rng = random.Random(seed + 1)
+
+    def chat_rows(nums, days):
+        items = ([("chat_num2zh", n) for n in nums] + [("chat_zh2num", n) for n in nums]
+                 + [("chat_date2zh", d) for d in days])
+        return [(task, conversation(task, item, chat_rng.random() < 1 / 3)) for task, item in items]
+
+    chat_train = chat_rows(train_nums, train_date_items)
+    chat_rng.shuffle(chat_train)
+    single_test = [(task, [{"role": "user", "content": p}, {"role": "assistant", "content": r}])
+                   for task, p, r in splits["test"]]
+    chat_splits = {"train": chat_train, "valid": chat_rows(valid_nums, valid_dates),
+                   "test": chat_rows(test_nums, test_dates) + single_test}
+    for name, split in chat_splits.items():
+        write_chat(split, os.path.join(out_dir, f"demo_chat_{name}.parquet"))
+        print(f"{out_dir}/demo_chat_{name}.parquet: {len(split)} conversations")
 
 
 if __name__ == "__main__":

@@ -314,9 +314,10 @@ def load_rng(path: str) -> None:
 
 # Settings that decide which rows form which batch: a resume must keep them.
 DATA_ORDER_KEYS = ("batch_size_per_gpu", "dataloader_buffer_size", "seed", "max_seq_len", "group_by_length",
-                   "num_shards", "validation_split", "mix_strategy", "weights")
+                   "num_shards", "validation_split", "mix_strategy", "weights", "last_turn_only")
 # What a state saved before a key existed had, in effect.
-DATA_ORDER_DEFAULTS = {"validation_split": 0.0, "mix_strategy": "first_exhausted", "weights": None}
+DATA_ORDER_DEFAULTS = {"validation_split": 0.0, "mix_strategy": "first_exhausted", "weights": None,
+                       "last_turn_only": False}
 MODEL_SHAPE_KEYS = ("d_model", "d_ff", "num_heads", "d_kv", "num_layers", "num_decoder_layers", "vocab_size")
 
 

@@ -24,6 +24,11 @@ Training data is read as a stream of parquet row groups, never as a whole table:
   new pass (a new order) and the epoch ends once every source has run out at least once.
 - Validation split. With `validation_split`, a row whose seeded hash of its global row number
   falls under the share is held out: never in a training batch, read by `EvalSet` instead.
+- Conversations. When a file has a `messages` column (model/conversations.py), every row is read
+  as a conversation (a prompt/response row of another file as a user and an assistant turn),
+  windows are still cut in parquet rows, and a window's conversations become rows of the
+  objective's columns there (each assistant turn a row), so positions and the validation split
+  stay those of parquet rows: a conversation's turns are all trained or all held out.
 """
 import ctypes
 import dataclasses
@@ -38,6 +43,7 @@ import pyarrow.parquet as pq
 import torch
 from torch.utils.data import DataLoader, Dataset, IterableDataset, get_worker_info
 
+from model import conversations as conv
 from model.objectives import Seq2Seq, non_empty  # noqa: F401 (non_empty: also imported from here)
 from utils.errors import UserError
 from utils.files import expand_files, open_parquet
@@ -338,7 +344,7 @@ class TrainStream(IterableDataset):
                  seed: int, rank: int = 0, world_size: int = 1, num_workers: int = 0,
                  keep_in_memory: bool = False, group_by_length: bool = True, objective=None,
                  sources: list[Source] | None = None, mix_strategy: str = "first_exhausted",
-                 validation_split: float = 0.0, max_tokens_per_batch: int = 0):
+                 validation_split: float = 0.0, max_tokens_per_batch: int = 0, last_turn_only: bool = False):
         # The objective names the text columns (the first is the encoder's input) and pads a
         # batch of their token ids; the stream reads, shards, groups and resumes any of them alike.
         self.objective = objective or Seq2Seq()
@@ -352,17 +358,23 @@ class TrainStream(IterableDataset):
         self.mix_strategy, self.validation_split = mix_strategy, validation_split
         self.budget = Budget(max_tokens_per_batch, self.objective.pad_multiple, len(self.columns) - 1) \
             if max_tokens_per_batch else None
+        # Conversations (a `messages` column in any file): every row is read as one, each file's
+        # rows in its own format (conv_files), and made rows of the objective's columns per window.
+        self.conv_files = [conv.has_conversations(open_parquet(f, ()).schema_arrow.names) for f in files]
+        self.conversations, self.last_turn_only = any(self.conv_files), last_turn_only
         for path in files:
-            open_parquet(path, self.columns)  # a missing or non-string column fails now, naming what is there
+            open_data(path, self.objective)  # a missing or mistyped column fails now, naming what is there
         # Columns that travel as raw values in batch["texts"] (what GRPO's rewards read).
         self.text_columns = text_columns(self.objective, files)
-        self.read_columns = self.columns + tuple(c for c in self.text_columns if c not in self.columns)
+        read = (conv.MESSAGES,) + conv.file_targets(self.objective) if self.conversations else self.columns
+        self.read_columns = read + tuple(c for c in self.text_columns if c not in read)
         self.pieces = get_pieces(files, self.sources)
         if self.sources:
             self.source_pieces = [[i for i, p in enumerate(self.pieces) if p.source == k]
                                   for k in range(len(self.sources))]
         # Held in memory, the table is shared with the DataLoader workers by fork.
-        self.tables = [pq.read_table(f, columns=list(self.read_columns)) for f in files] if keep_in_memory else None
+        self.tables = [pq.read_table(f, columns=self.file_columns(i)) for i, f in enumerate(files)] \
+            if keep_in_memory else None
         self._open: dict[int, pq.ParquetFile] = {}
         self.set_epoch(0)
 
@@ -383,13 +395,13 @@ class TrainStream(IterableDataset):
     def advance(self, batch: dict) -> tuple[torch.Tensor, int, int, int]:
         """Take the metadata off a batch the trainer is about to use and move the position past it.
 
-        Returns the batch's global row indices, the empty rows skipped before it, its source and
-        its tokens (the objective's count_tokens).
+        Returns the batch's global row indices, the empty rows skipped before it, its source, its
+        tokens (the objective's count_tokens) and the conversation histories cut before it.
         """
         rows, (shard, where), skipped = batch.pop("row_index"), batch.pop("position"), batch.pop("skipped")
         self.consumed[shard] = where
         self.next_worker = (shard - self.rank * self.workers + 1) % self.workers
-        return rows, skipped, batch.pop("source", 0), batch.pop("counts")[0]
+        return rows, skipped, batch.pop("source", 0), batch.pop("counts")[0], batch.pop("truncated", 0)
 
     def state_dict(self) -> dict:
         """This process's position: the epoch, where each shard stands, the next worker. JSON."""
@@ -455,9 +467,14 @@ class TrainStream(IterableDataset):
 
     def one_pass(self, shard: int, key: list[int], which, window: int, done: int):
         """(batch, (window, batches of it done)) of one pass over the pieces `which` (all: None)."""
-        skipped = 0  # empty rows not yet reported; a resumed window's were reported before
+        skipped = truncated = 0  # not yet reported; a resumed window's were reported before
         held = None  # each batch waits for the next, so the shard's last one can carry trailing empties
         for k, texts, rows in self.windows(shard, key, which, window):
+            if self.conversations:
+                texts, rows, cut = conv.expand(self.tokenizer, texts, rows, conv.targets(self.objective),
+                                               self.max_seq_len, self.last_turn_only)
+                if not (k == window and done):
+                    truncated += cut
             usable = self.objective.usable_rows(texts)
             train = ~held_out(rows, self.seed, self.validation_split)
             keep = usable & train
@@ -488,11 +505,13 @@ class TrainStream(IterableDataset):
                     batch["texts"] = {c: [raw[c][i] for i in idx] for c in raw}
                 batch["row_index"] = torch.from_numpy(rows[idx])
                 batch["skipped"], skipped = skipped, 0
+                batch["truncated"], truncated = truncated, 0
                 if held is not None:
                     yield held
                 held = (batch, (k, j + 1))
         if held is not None:
             held[0]["skipped"] += skipped
+            held[0]["truncated"] += truncated
             yield held
 
     def windows(self, shard: int, key: list[int], which, first_window: int):
@@ -529,15 +548,24 @@ class TrainStream(IterableDataset):
         else:
             pf = self._open.get(piece.file)
             if pf is None:
-                pf = self._open[piece.file] = open_parquet(self.files[piece.file], self.columns)
+                pf = self._open[piece.file] = open_parquet(self.files[piece.file], ())
             # Batch by batch on one thread: decoding a whole row group at once peaks at about
             # five times its size. Then hand the decode buffers back to the system.
             table = pa.Table.from_batches(list(pf.iter_batches(
-                batch_size=8192, row_groups=[piece.row_group], columns=list(self.read_columns),
+                batch_size=8192, row_groups=[piece.row_group], columns=self.file_columns(piece.file),
                 use_threads=False))).slice(lo, hi - lo)
             release_memory()
+        if self.conversations and not self.conv_files[piece.file]:
+            table = conv.as_conversations(table, self.objective)
         index = pa.array(np.arange(piece.first_row + lo, piece.first_row + hi, dtype=np.int64))
-        return table.append_column("row_index", index)
+        return table.select(list(self.read_columns)).append_column("row_index", index)
+
+    def file_columns(self, file: int) -> list[str]:
+        """The columns read from file `file`: the stream's, or, for a prompt/response file among
+        conversations, its own text columns (made a conversation after reading)."""
+        if not self.conversations or self.conv_files[file]:
+            return list(self.read_columns)
+        return list(dict.fromkeys([*self.columns, *(c for c in self.read_columns if c != conv.MESSAGES)]))
 
     def _columns(self, table: pa.Table):
         return {c: table.column(c).to_pylist() for c in self.read_columns}, table.column("row_index").to_numpy()
@@ -553,10 +581,30 @@ def json_tuple(value):
     return tuple(json_tuple(v) for v in value) if isinstance(value, (list, tuple)) else value
 
 
-def has_usable_row(path: str, objective) -> bool:
+def open_data(path: str, objective) -> pq.ParquetFile:
+    """`path` opened, its columns checked for the objective: its text columns, or, for a file of
+    conversations, a `messages` column of {role, content} turns and the objective's other targets."""
+    names = open_parquet(path, ()).schema_arrow.names
+    if not conv.has_conversations(names):
+        return open_parquet(path, objective.columns)
+    if objective.name == "grpo":
+        raise UserError(f"{path} holds conversations (a messages column): GRPO samples from prompt rows; "
+                        "give a file with a prompt column")
+    pf = open_parquet(path, conv.file_targets(objective))
+    conv.check_column(pf, path)
+    return pf
+
+
+def has_usable_row(path: str, objective, tokenizer=None, max_seq_len: int = 10**6) -> bool:
     """Whether a row of `path` trains under `objective`; reads only until it finds one."""
-    for batch in open_parquet(path, objective.columns).iter_batches(batch_size=4096, columns=list(objective.columns)):
-        if objective.usable_rows({c: batch.column(c).to_pylist() for c in objective.columns}).any():
+    pf = open_data(path, objective)
+    conversations = conv.has_conversations(pf.schema_arrow.names)
+    columns = [conv.MESSAGES, *conv.file_targets(objective)] if conversations else list(objective.columns)
+    for batch in pf.iter_batches(batch_size=4096, columns=columns):
+        texts = {c: batch.column(c).to_pylist() for c in columns}
+        if conversations:
+            texts = conv.expand(tokenizer, texts, np.arange(batch.num_rows), conv.targets(objective), max_seq_len)[0]
+        if objective.usable_rows(texts).any():
             return True
     return False
 
@@ -627,24 +675,32 @@ class EvalSet(Dataset):
     """
 
     def __init__(self, path: str | list[str], tokenizer, max_seq_len: int, max_rows: int, objective=None,
-                 extra: tuple = ("task",), split: tuple[int, float] | None = None):
+                 extra: tuple = ("task",), split: tuple[int, float] | None = None, last_turn_only: bool = False):
         """`path`: a file, or the training files with `split` = (seed, validation_split): then
-        the rows are those the training stream holds out, in file order."""
+        the rows are those the training stream holds out, in file order. A file of conversations
+        gives the rows the training stream makes of them (model/conversations.py)."""
         self.objective = objective or Seq2Seq()
         columns = tuple(self.objective.columns)
         files = [path] if isinstance(path, str) else list(path)
-        names = set.intersection(*(set(open_parquet(f, columns).schema_arrow.names) for f in files))
+        names = set.intersection(*(set(open_data(f, self.objective).schema_arrow.names) for f in files))
         # Besides `task`, the raw columns the objective's rewards read (GRPO evaluates with them).
         extra = tuple(dict.fromkeys(extra + text_columns(self.objective, files)))
-        extra = [c for c in extra if c in names and c not in columns]
+        extra = [c for c in extra if c in names and c not in columns and c != conv.MESSAGES]
         texts, self.extra, self.skipped = {c: [] for c in columns}, {c: [] for c in extra}, 0
         offset = 0  # global row number of the file's first row, as the training stream counts
         for f in files:
-            for batch in open_parquet(f, columns).iter_batches(batch_size=4096, columns=list(columns) + extra):
-                values = {c: batch.column(c).to_pylist() for c in columns + tuple(extra)}
-                usable = self.objective.usable_rows(values)
-                chosen = held_out(np.arange(offset, offset + batch.num_rows), *split) if split else True
+            pf = open_data(f, self.objective)
+            conversations = conv.has_conversations(pf.schema_arrow.names)
+            read = [conv.MESSAGES, *conv.file_targets(self.objective)] if conversations else list(columns)
+            for batch in pf.iter_batches(batch_size=4096, columns=read + extra):
+                values = {c: batch.column(c).to_pylist() for c in read + extra}
+                rows = np.arange(offset, offset + batch.num_rows)
                 offset += batch.num_rows
+                if conversations:
+                    values, rows, _ = conv.expand(tokenizer, values, rows, conv.targets(self.objective), max_seq_len,
+                                                  last_turn_only)
+                usable = self.objective.usable_rows(values)
+                chosen = held_out(rows, *split) if split else True
                 keep = usable & chosen
                 self.skipped += int((~usable & chosen).sum())
                 for c, store in (*texts.items(), *self.extra.items()):
@@ -701,7 +757,11 @@ def get_tokenizer(cfg, run, train_files: list[str], logger):
                         f"(vocab_size={cfg.vocab_size}) on {', '.join(train_files)}")
             train_tokenizer(train_files, cfg.tokenizer_dir, cfg.vocab_size, model_max_length=cfg.max_seq_len,
                             seed=cfg.seed)
-        return load_tokenizer(cfg.tokenizer_dir)
+        tokenizer = load_tokenizer(cfg.tokenizer_dir)
+    if not tokenizer.chat_template:
+        # A tokenizer trained before conversations: the models this run saves carry the template.
+        tokenizer.chat_template = conv.CHAT_TEMPLATE
+    return tokenizer
 
 
 def get_stream(cfg, plan, tokenizer, accelerator, logger) -> TrainStream:
@@ -716,4 +776,5 @@ def get_stream(cfg, plan, tokenizer, accelerator, logger) -> TrainStream:
     return TrainStream(plan.train_files, tokenizer, cfg.batch_size_per_gpu, cfg.max_seq_len,
                        cfg.dataloader_buffer_size, cfg.seed, accelerator.process_index, accelerator.num_processes,
                        cfg.num_workers, keep_in_memory, cfg.group_by_length, plan.objective,
-                       plan.sources, cfg.mix_strategy, cfg.validation_split, cfg.max_tokens_per_batch)
+                       plan.sources, cfg.mix_strategy, cfg.validation_split, cfg.max_tokens_per_batch,
+                       cfg.last_turn_only)

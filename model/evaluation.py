@@ -21,7 +21,7 @@ import torch
 from model.dataset import EvalSet, get_eval_loader
 from model.regression import run_checks
 from utils.errors import UserError
-from utils.files import atomic_write, open_parquet
+from utils.files import atomic_write
 from utils.logging import memory_usage, read_metrics
 from utils.metrics import bleu4, exact_match_by_group
 from utils.plots import plot_training
@@ -75,10 +75,10 @@ def evaluate(model, loader, run, tokenizer, max_new_tokens: int, reference=None)
 
 
 def score_file(model, run, tokenizer, path: str, batch_size: int, max_seq_len: int, logger,
-               max_rows: int = 10**9, samples: int = 5, objective=None, reference=None) -> dict:
+               max_rows: int = 10**9, samples: int = 5, objective=None, reference=None,
+               last_turn_only: bool = False) -> dict:
     """evaluate() over a parquet file, then its report: with a `task` column, exact match per task."""
-    open_parquet(path, objective.columns if objective else ("prompt", "response"))
-    dataset = EvalSet(path, tokenizer, max_seq_len, max_rows, objective)
+    dataset = EvalSet(path, tokenizer, max_seq_len, max_rows, objective, last_turn_only=last_turn_only)
     loader = run.accelerator.prepare(get_eval_loader(dataset, batch_size))
     result = evaluate(model, loader, run, tokenizer, max_seq_len, reference)
     print_report(result, dataset, samples, logger)
@@ -102,11 +102,12 @@ def print_report(result: dict, dataset: EvalSet, samples: int, logger):
 def get_eval_set(cfg, plan, tokenizer, logger) -> EvalSet | None:
     """The validation rows: validation_file's, or those validation_split holds out of the training data."""
     if cfg.validation_file:
-        return EvalSet(cfg.validation_file, tokenizer, cfg.max_seq_len, cfg.max_eval_rows, plan.objective)
+        return EvalSet(cfg.validation_file, tokenizer, cfg.max_seq_len, cfg.max_eval_rows, plan.objective,
+                       last_turn_only=cfg.last_turn_only)
     if not cfg.validation_split:
         return None
     eval_set = EvalSet(plan.train_files, tokenizer, cfg.max_seq_len, cfg.max_eval_rows, plan.objective,
-                       split=(cfg.seed, cfg.validation_split))
+                       split=(cfg.seed, cfg.validation_split), last_turn_only=cfg.last_turn_only)
     if not len(eval_set):
         raise UserError(f"--validation_split={cfg.validation_split} holds out no usable row of the training "
                         "data; raise it or give --validation_file")
@@ -225,7 +226,7 @@ class Evaluator:
         policy = self.policy
         self.test_metrics = score_file(policy.model, self.run, self.tokenizer, path, self.cfg.batch_size_per_gpu * 4,
                                        self.cfg.max_seq_len, self.logger, objective=self.plan.objective,
-                                       reference=policy.reference)["metrics"]
+                                       reference=policy.reference, last_turn_only=self.cfg.last_turn_only)["metrics"]
 
     def write_summary(self, status: str) -> None:
         """output_dir/summary.json and plots/training.png at the end of a run (main process)."""
@@ -242,6 +243,7 @@ class Evaluator:
             "status": status, "steps": progress.step, "total_steps": plan.total_steps, "epoch": progress.epoch,
             "wall_seconds": round(progress.wall_seconds, 1),
             "data": {"rows_trained": progress.samples, "empty_rows_skipped": progress.rows_skipped,
+                     "histories_truncated": progress.histories_truncated,
                      "tokens": progress.tokens, "validation_rows": len(self.eval_set) if self.eval_set else 0,
                      "rows_per_source": dict(zip((s.label for s in plan.sources), progress.rows_per_source))
                      if progress.rows_per_source else None},

@@ -44,16 +44,33 @@ class ChatBot:
         limit = self.tokenizer.model_max_length
         self.max_prompt_tokens = limit if 0 < limit < 1_000_000 else 512
 
-    def encode(self, prompts: list[str]) -> dict:
-        # The tokenizer appends [EOS]: the same encoder input as in training.
-        return self.tokenizer(prompts, padding=True, truncation=True, max_length=self.max_prompt_tokens,
-                              return_tensors="pt", return_token_type_ids=False).to(self.device)
+    @property
+    def has_template(self) -> bool:
+        """Whether the model was saved with a chat template (models trained before conversations were not)."""
+        return bool(self.tokenizer.chat_template)
 
-    def answer(self, prompts: str | list[str], search_type: str = "greedy", batch_size: int = 32,
+    def prompt_text(self, prompt: str | list[dict]) -> str:
+        """The encoder input of a prompt, or of a conversation's history (a list of {role, content}
+        turns ending with a user turn) through the chat template, its oldest turns dropped while it
+        is longer than max_prompt_tokens. Without a template, a history's last user turn alone."""
+        if isinstance(prompt, str):
+            return prompt
+        from model.conversations import fit
+        if not self.has_template:
+            return next(m["content"] for m in reversed(prompt) if m["role"] == "user")
+        return fit(self.tokenizer, prompt, self.max_prompt_tokens)[0]
+
+    def encode(self, prompts: list[str | list[dict]]) -> dict:
+        # The tokenizer appends [EOS]: the same encoder input as in training.
+        return self.tokenizer([self.prompt_text(p) for p in prompts], padding=True, truncation=True,
+                              max_length=self.max_prompt_tokens, return_tensors="pt",
+                              return_token_type_ids=False).to(self.device)
+
+    def answer(self, prompts: str | list[str] | list[list[dict]], search_type: str = "greedy", batch_size: int = 32,
                max_new_tokens: int | None = None) -> list[str]:
-        """Answers to `prompts`, in order."""
+        """Answers to `prompts` (texts, or conversations' histories: lists of {role, content} turns), in order."""
         check_search_type(search_type)
-        prompts = [prompts] if isinstance(prompts, str) else list(prompts)
+        prompts = [prompts] if isinstance(prompts, str) or prompts and isinstance(prompts[0], dict) else list(prompts)
         answers = []
         for i in range(0, len(prompts), batch_size):
             inputs = self.encode(prompts[i:i + batch_size])
@@ -62,8 +79,9 @@ class ChatBot:
             answers += self.tokenizer.batch_decode(out, skip_special_tokens=True)
         return answers
 
-    def stream(self, prompt: str, search_type: str = "greedy", max_new_tokens: int | None = None) -> Iterator[str]:
-        """Yield the answer to `prompt` piece by piece as it is generated."""
+    def stream(self, prompt: str | list[dict], search_type: str = "greedy",
+               max_new_tokens: int | None = None) -> Iterator[str]:
+        """Yield the answer to `prompt` (a text or a conversation's history) piece by piece as it is generated."""
         check_search_type(search_type)
         streamer = TextIteratorStreamer(self.tokenizer, skip_prompt=False, skip_special_tokens=True)
         inputs = self.encode([prompt])

@@ -23,7 +23,6 @@ import math
 import os
 
 import torch
-from peft import LoraConfig, PeftModel, get_peft_model
 from safetensors import SafetensorError
 from safetensors.torch import load_file
 from transformers import T5Config
@@ -90,6 +89,7 @@ def set_trainable(model: TextToTextModel, cfg: TrainConfig):
     if cfg.trains == "decoder":
         freeze_for_finetune(model)
     elif cfg.trains == "lora":
+        from peft import LoraConfig, get_peft_model  # only LoRA runs pay for importing peft
         model = get_peft_model(model, LoraConfig(
             r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, task_type="SEQ_2_SEQ_LM",
             target_modules=lora_targets(model, cfg.lora_target_modules)))
@@ -243,7 +243,7 @@ class Policy:
         or the one being trained."""
         model = model if model is not None else self.unwrapped()
         with atomic_dir(path) as tmp:
-            if isinstance(model, PeftModel):
+            if hasattr(model, "merge_and_unload"):  # a peft model
                 # The merged model for every tool, and the adapter in peft's format beside it. The
                 # merge runs on a copy: merging in place and back would change the weights' bits.
                 model.save_pretrained(os.path.join(tmp, "adapter"))

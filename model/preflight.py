@@ -17,7 +17,8 @@ from transformers import T5Config
 
 import model.checkpoint as ckpt
 from config import T5ModelConfig, TrainConfig
-from model.dataset import epoch_batches, get_pieces, get_sources, has_usable_row, text_columns
+from model.conversations import has_conversations
+from model.dataset import epoch_batches, get_pieces, get_sources, has_usable_row, open_data, text_columns
 from model.objectives import get_objective
 from model.policy import optimizer_state_bytes, shape_model
 from model.regression import load_checks
@@ -78,10 +79,17 @@ def check_accelerator(accelerator) -> None:
 
 
 def check_rows(path: str, what: str, objective) -> None:
-    """The file has the objective's columns and a row it trains on."""
-    check_data_file(path, objective.columns, what=what)
-    if objective.no_usable_row and not has_usable_row(path, objective):
-        raise UserError(f"--{what} {path} has no usable row: {objective.no_usable_row}")
+    """The file has the objective's columns (or conversations) and a row it trains on."""
+    pf = open_data(path, objective)
+    if not has_conversations(pf.schema_arrow.names):
+        check_data_file(path, objective.columns, what=what)
+        if objective.no_usable_row and not has_usable_row(path, objective):
+            raise UserError(f"--{what} {path} has no usable row: {objective.no_usable_row}")
+    elif not has_usable_row(path, objective):
+        raise UserError(f"--{what} {path} has no usable conversation: each has no assistant turn, an assistant turn "
+                        "before any user turn, an unknown role or an empty turn"
+                        + (", or does not end with a user turn (DPO)" if objective.name == "dpo" else "")
+                        + "; check the file (docs/training.md#conversations)")
 
 
 def check_finetune_source(path: str, tokenizer, tokenizer_dir: str, flag: str = "--init_from") -> str | None:
@@ -177,19 +185,22 @@ def count_total_steps(cfg: TrainConfig, pieces, sources, processes: int, updates
 
 
 def estimate_budget_steps(cfg: TrainConfig, plan: Plan, stream, processes: int, logger) -> int:
-    """Optimizer steps with token-budget batches: the rows a batch holds in the first two
-    windows of this process's first shard, applied to every shard's rows. An estimate (the run
-    ends when the data does; the schedule holds its floor beyond)."""
-    rows = batches = 0
+    """Optimizer steps with token-budget batches or conversations (several rows from one): the
+    parquet rows a batch holds in the first two windows of this process's first shard, applied
+    to every shard's rows. An estimate (the run ends when the data does; the schedule holds its
+    floor beyond)."""
+    rows, batches = set(), 0
     shard = stream.rank * stream.workers
     for batch, (window, _) in stream.one_pass(shard, [cfg.seed, 0], None, 0, 0):
         if window >= 2:
             break
-        rows, batches = rows + len(batch["row_index"]), batches + 1
-    per_batch = max(1, round(rows / max(1, batches)))
+        rows.update(batch["row_index"].tolist())
+        batches += 1
+    per_batch = max(1, round(len(rows) / max(1, batches)))
     steps = count_total_steps(cfg, plan.pieces, plan.sources, processes, plan.objective.updates_per_batch, per_batch)
-    logger.info(f"token budget {cfg.max_tokens_per_batch}: about {per_batch} rows a batch in the first "
-                f"windows, so about {steps} optimizer steps")
+    why = f"token budget {cfg.max_tokens_per_batch}" if cfg.max_tokens_per_batch else "conversations"
+    logger.info(f"{why}: about {per_batch} parquet rows a batch in the first windows, so about {steps} optimizer "
+                "steps")
     return steps
 
 

@@ -33,6 +33,7 @@ class TrainingProgress:
     samples: int = 0
     tokens: int = 0  # non-pad tokens, prompts and responses, all processes
     rows_skipped: int = 0  # empty prompt/response rows dropped by the data stream
+    histories_truncated: int = 0  # conversation histories whose oldest turns were dropped to fit max_seq_len
     skipped_updates: int = 0  # optimizer steps not applied: their gradient norm was not finite
     best_score: float | None = None  # best_metric of best/
     best_metric: str | None = None  # the metric best_score is of (None in states saved before it was kept)
@@ -86,16 +87,17 @@ class Meters:
 
     def reset(self):
         self.local_values = torch.zeros(len(self.names), device=self.device)
-        # batches with a loss, tokens, rows, empty rows skipped, then rows of each source
-        self.local = np.zeros(4 + self.sources, dtype=np.float64)
+        # batches with a loss, tokens, rows, empty rows skipped, histories truncated, then rows of each source
+        self.local = np.zeros(5 + self.sources, dtype=np.float64)
         self.values = np.zeros(len(self.names))  # after flushes, all processes
-        self.counts = np.zeros(3 + self.sources)  # tokens, rows, empty rows skipped, rows per source; all processes
+        # tokens, rows, empty rows skipped, histories truncated, rows per source; all processes
+        self.counts = np.zeros(4 + self.sources)
         self.batches = 0.0
         self.started = time.perf_counter()
 
-    def add_batch(self, tokens: int, rows: int, skipped: int, source: int = 0):
-        self.local[1:4] += (tokens, rows, skipped)
-        self.local[4 + source] += rows
+    def add_batch(self, tokens: int, rows: int, skipped: int, source: int = 0, truncated: int = 0):
+        self.local[1:5] += (tokens, rows, skipped, truncated)
+        self.local[5 + source] += rows
 
     def add(self, values: dict):
         self.local_values += torch.stack([values[n].float() for n in self.names])
@@ -222,11 +224,12 @@ class Run:
         meters.counts += summed[n + 1:]
         meters.local_values.zero_()
         meters.local[:] = 0
-        tokens, rows, skipped, *per_source = summed[n + 1:]
+        tokens, rows, skipped, truncated, *per_source = summed[n + 1:]
         progress = self.progress
         progress.tokens += int(tokens)
         progress.samples += int(rows)
         progress.rows_skipped += int(skipped)
+        progress.histories_truncated += int(truncated)
         if len(per_source) > 1:
             old = progress.rows_per_source or [0] * len(per_source)
             progress.rows_per_source = [a + int(b) for a, b in zip(old, per_source)]

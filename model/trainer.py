@@ -149,7 +149,7 @@ class ChatTrainer:
         self.policy = Policy(cfg, plan.objective, self.tokenizer, acc, get_engine(cfg, acc, logger), logger)
         plan.objective.vocab = self.policy.unwrapped().config.vocab_size  # the head's rows: the logits' width
         self.stream = get_stream(cfg, plan, self.tokenizer, acc, logger)
-        if cfg.max_tokens_per_batch:
+        if cfg.max_tokens_per_batch or self.stream.conversations:
             plan.total_steps = estimate_budget_steps(cfg, plan, self.stream, acc.num_processes, logger)
         self.loader = get_train_loader(self.stream, cfg.num_workers, pin_memory=acc.device.type == "cuda")
         eos = [self.tokenizer.eos_token_id]
@@ -169,7 +169,8 @@ class ChatTrainer:
         if acc.is_main_process:
             self.metrics.start(self.progress.step if plan.resume_from is not None else None)
         if cfg.log_with != "none":
-            acc.init_trackers("chatlm", config={k: str(v) if isinstance(v, list) else v
+            # TensorBoard's hparams take numbers, strings and booleans only (weighted sources are a dict).
+            acc.init_trackers("chatlm", config={k: v if isinstance(v, (int, float, str, bool)) else str(v)
                                                 for k, v in dataclasses.asdict(cfg).items()})
 
     def maybe_resume(self):
@@ -370,8 +371,8 @@ class ChatTrainer:
 
     def record_batch(self, batch: dict) -> dict:
         """Take the metadata off the batch (the stream moves its position) and count what it holds."""
-        rows, skipped, source, tokens = self.stream.advance(batch)
-        self.meters.add_batch(tokens, len(rows), skipped, source)
+        rows, skipped, source, tokens, truncated = self.stream.advance(batch)
+        self.meters.add_batch(tokens, len(rows), skipped, source, truncated)
         self.progress.micro_step += 1
         if self.cfg.trace_samples:
             path = os.path.join(self.cfg.output_dir, f"samples.rank{self.accelerator.process_index}.jsonl")
@@ -415,6 +416,8 @@ class ChatTrainer:
             metrics["train/grad_norm"] = float(u.grad_norm)
         if progress.rows_skipped:
             metrics["data/empty_rows_skipped"] = progress.rows_skipped
+        if progress.histories_truncated:
+            metrics["data/histories_truncated"] = progress.histories_truncated
         if progress.skipped_updates:
             metrics["train/skipped_updates"] = progress.skipped_updates
         for src, rows in zip(self.plan.sources, progress.rows_per_source or []):

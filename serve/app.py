@@ -11,8 +11,10 @@ bound or malformed gets a 4xx with an OpenAI-style JSON error body, and the serv
 serving. Generation is continuously batched by `serve.engine.Engine`. SIGTERM stops new requests
 (503) and lets those in flight finish for at most --drain_timeout_s.
 
-T5 here is single-turn: a chat completion answers the last user message. Earlier messages
-are not read; the response says how many were left out (`warnings`, and the header
+A chat completion renders its messages through the model's chat template (system, user and
+assistant turns, the oldest dropped when the history is longer than the model reads: the same
+rule as in training). A model saved without a template (before conversations) answers the last
+user message alone, and the response says how many were left out (`warnings`, and the header
 `X-Chatlm-Ignored-Messages`).
 """
 import asyncio
@@ -338,6 +340,12 @@ class Server:
         return ApiError(504, f"the request took longer than {self.limits.timeout_s:g} s (serve --timeout_s)",
                         kind="timeout", code="timeout")
 
+    def conversation_prompt(self, turns: list[dict]) -> tuple[str, int]:
+        """The encoder input of a conversation through the template, and how many of its oldest
+        turns were dropped to fit max_prompt_tokens (as training drops them)."""
+        from model.conversations import fit
+        return fit(self.bot.tokenizer, turns, self.limits.max_prompt_tokens)
+
     def usage(self, jobs: list[Job]) -> dict:
         prompt, completion = sum(len(j.prompt_ids) for j in jobs), sum(len(j.tokens) for j in jobs)
         return {"prompt_tokens": prompt, "completion_tokens": completion, "total_tokens": prompt + completion}
@@ -367,7 +375,7 @@ class Server:
     def health(self) -> tuple[int, dict]:
         status = "draining" if self.draining else "ok" if self.engine.alive() else "dead"
         body = {"status": status, "model": self.model_name, "key_required": self.api_key is not None,
-                **dataclasses.asdict(self.engine.stats)}
+                "chat_template": self.bot.has_template, **dataclasses.asdict(self.engine.stats)}
         if self.engine.error:
             body["error"] = self.engine.error
         return (200 if status == "ok" else 503), body
@@ -375,6 +383,29 @@ class Server:
     def model_card(self) -> dict:
         return {"id": self.model_name, "object": "model", "created": self.created, "owned_by": "chatlm",
                 "max_model_len": self.limits.max_prompt_tokens, "max_tokens": self.limits.max_tokens}
+
+
+def history(messages: list[Message]) -> list[dict]:
+    """The messages as a conversation for the template: developer turns are system turns, the
+    system turns go first, turns without text are left out, and consecutive turns of one speaker
+    are one turn (their texts joined by a space); the last must be a user turn."""
+    turns, system = [], []
+    for i, message in enumerate(messages):
+        if message.role == "tool":
+            raise ApiError(400, "tool messages are not supported by this model", param=f"messages.{i}.role")
+        text = message.text()
+        if not text.strip():
+            continue
+        if message.role in ("system", "developer"):
+            system.append(text)
+        elif turns and turns[-1]["role"] == message.role:
+            turns[-1]["content"] += " " + text
+        else:
+            turns.append({"role": message.role, "content": text})
+    if not turns or turns[-1]["role"] != "user" or messages[-1].role != "user":
+        raise ApiError(400, "the last message must be a user message with text: the model answers it",
+                       param="messages")
+    return ([{"role": "system", "content": " ".join(system)}] if system else []) + turns
 
 
 def last_user_message(messages: list[Message]) -> tuple[str, int]:
@@ -476,7 +507,18 @@ def create_app(server: Server, bound_host: str = "127.0.0.1", allowed_hosts=(), 
         if req.max_tokens is not None and req.max_completion_tokens is not None \
                 and req.max_tokens != req.max_completion_tokens:
             raise ApiError(400, "max_tokens and max_completion_tokens differ; send one", param="max_tokens")
-        prompt, ignored = last_user_message(req.messages)
+        warnings, headers = [], {}
+        if server.bot.has_template:
+            turns = history(req.messages)
+            prompt, dropped = server.conversation_prompt(turns)
+            if dropped:
+                warnings.append(f"the conversation is longer than this model reads ({server.limits.max_prompt_tokens} "
+                                f"tokens): its {dropped} oldest message{'s were' if dropped > 1 else ' was'} left out")
+            headers["X-Chatlm-Dropped-Messages"] = str(dropped)
+        else:
+            prompt, ignored = last_user_message(req.messages)
+            warnings = single_turn_warning(ignored)
+            headers["X-Chatlm-Ignored-Messages"] = str(ignored)
         logprobs = (req.top_logprobs or 0) if req.logprobs else None
         settings = server.settings(req, req.max_completion_tokens or req.max_tokens, server.limits.default_max_tokens,
                                    logprobs)
@@ -484,8 +526,6 @@ def create_app(server: Server, bound_host: str = "127.0.0.1", allowed_hosts=(), 
         job = server.new_job(server.encode(prompt, "messages"), settings, events, stream=bool(req.stream))
         server.submit(job)
         head = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": server.model_name}
-        warnings = single_turn_warning(ignored)
-        headers = {"X-Chatlm-Ignored-Messages": str(ignored)}
         if not req.stream:
             (job,) = await server.wait_done([job], events, request)
             body = {**head, "object": "chat.completion", "system_fingerprint": None,
@@ -541,7 +581,7 @@ def create_app(server: Server, bound_host: str = "127.0.0.1", allowed_hosts=(), 
 
     app = CORSMiddleware(app, allow_origins=list(allowed_origins), allow_methods=["GET", "POST", "OPTIONS"],
                          allow_headers=["Authorization", "Content-Type", "X-Request-Id"],
-                         expose_headers=["X-Request-Id", "X-Chatlm-Ignored-Messages"])
+                         expose_headers=["X-Request-Id", "X-Chatlm-Ignored-Messages", "X-Chatlm-Dropped-Messages"])
     return Guard(app, bound_host, allowed_hosts, allowed_origins, log=server.log, count=server.metrics.request)
 
 

@@ -126,6 +126,25 @@ def as_dpo_file(path, out):
     return str(out)
 
 
+def as_messages_file(path, out, remember_every=3):
+    """The prompt/response file at `path` as conversations (a `messages` column): each row the user
+    turn and the assistant turn; every `remember_every`-th row (0: none) first asks to remember
+    its number (a second assistant turn, 好的。); a row with an empty prompt or response an empty
+    turn (malformed, skipped). Other columns kept. Returns the path and, per row, its assistant turns."""
+    table = pq.read_table(path)
+    message = pa.struct([("role", pa.string()), ("content", pa.string())])
+    conversations, turns = [], []
+    for i, (p, r) in enumerate(zip(table.column("prompt").to_pylist(), table.column("response").to_pylist())):
+        earlier = [{"role": "user", "content": f"记住{i}。"}, {"role": "assistant", "content": "好的。"}] \
+            if remember_every and i % remember_every == 0 else []
+        conversations.append(earlier + [{"role": "user", "content": p}, {"role": "assistant", "content": r}])
+        turns.append(0 if not (p and p.strip() and r and r.strip()) else 1 + bool(earlier))
+    columns = {"messages": pa.array(conversations, pa.list_(message))}
+    columns.update({c: table.column(c) for c in table.column_names if c not in ("prompt", "response")})
+    pq.write_table(pa.table(columns), out, row_group_size=pq.ParquetFile(path).metadata.row_group(0).num_rows)
+    return str(out), turns
+
+
 @pytest.fixture(scope="session")
 def base_model(data_dir, tokenizer_dir, tmp_path_factory):
     """A tiny model trained a few steps: what alignment starts from."""
@@ -136,8 +155,10 @@ def base_model(data_dir, tokenizer_dir, tmp_path_factory):
 
 
 # Training modes the shared behaviours (resume, multi-process coverage, accumulation) are tested
-# in: flags, and whether the data must be DPO pairs.
-MODES = {"seq2seq": ({}, False), "dpo": ({"objective": "dpo"}, True),
+# in: flags, and the data they need: DPO pairs ("pairs"), conversations ("messages"), or the
+# prompt/response rows (False).
+MODES = {"seq2seq": ({}, False), "dpo": ({"objective": "dpo"}, "pairs"),
+         "messages": ({}, "messages"),
          "lora": ({"trainable": "lora", "lora_dropout": 0.0}, False),
          "lora+kl": ({"trainable": "lora", "lora_dropout": 0.0, "kl_beta": 0.1}, False),
          # The barely trained base model often earns every completion of a batch the same reward:
@@ -147,8 +168,8 @@ MODES = {"seq2seq": ({}, False), "dpo": ({"objective": "dpo"}, True),
 
 
 def mode_flags(mode, base_model):
-    flags, pairs = MODES[mode]
-    return ({**flags, "init_from": base_model} if mode != "seq2seq" else {}), pairs
+    flags, data = MODES[mode]
+    return ({**flags, "init_from": base_model} if mode not in ("seq2seq", "messages") else {}), data
 
 
 class Result:

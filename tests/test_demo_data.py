@@ -33,7 +33,7 @@ def test_generator_is_deterministic_and_test_split_is_held_out(tmp_path):
 def test_committed_demo_data_is_what_the_script_writes(tmp_path):
     main(out_dir=str(tmp_path))
     for name in ("train", "valid", "test"):
-        for kind in ("demo", "demo_dpo", "demo_style"):
+        for kind in ("demo", "demo_dpo", "demo_style", "demo_chat"):
             assert (pq.read_table(tmp_path / f"{kind}_{name}.parquet").to_pylist()
                     == pq.read_table(f"{ROOT}/data/{kind}_{name}.parquet").to_pylist()), (kind, name)
 
@@ -46,3 +46,18 @@ def test_style_demo_data_pairs_the_styled_answer_with_the_plain_one():
         assert r["rejected"] == plain[r["prompt"]] and r["chosen"] == f"是{r['rejected']}。"
     style = pq.read_table(f"{ROOT}/data/demo_style_test.parquet").to_pylist()
     assert all(r["response"].startswith("是") and r["response"].endswith("。") for r in style)
+
+
+def test_chat_demo_needs_the_earlier_turn_and_holds_out_the_test_numbers():
+    chats = {name: pq.read_table(f"{ROOT}/data/demo_chat_{name}.parquet").to_pylist() for name in ("train", "test")}
+    questions = {"chat_num2zh": "把它写成中文数字。", "chat_zh2num": "它是多少？", "chat_date2zh": "把它写成中文日期。"}
+    for row in chats["train"]:
+        turns = [m for m in row["messages"] if m["role"] != "system"]
+        assert [m["role"] for m in turns] == ["user", "assistant", "user", "assistant"]
+        assert turns[0]["content"].startswith("记住") and turns[1]["content"] == "好的。"
+        assert turns[2]["content"] == questions[row["task"]]  # the question alone does not say which number
+    assert 0.25 < sum(r["messages"][0]["role"] == "system" for r in chats["train"]) / len(chats["train"]) < 0.4
+    remembered = {r["messages"][-4]["content"] for r in chats["train"]}
+    held = [r for r in chats["test"] if r["task"].startswith("chat_")]
+    assert len(held) == 900 and not remembered & {r["messages"][-4]["content"] for r in held}
+    assert {r["task"] for r in chats["test"]} == set(questions) | {"num2zh", "zh2num", "date2zh"}

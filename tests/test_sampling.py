@@ -413,3 +413,31 @@ def test_output_is_read_by_the_training_stream(input_1k, tmp_path, tokenizer_dir
     seen += [i for batch in other for i in batch["row_index"].tolist()]
     assert sorted(seen) == list(range(350))  # every row of both files, once, across two processes
     assert len(set(ids)) == 300
+
+
+def test_conversations_are_sampled_whole_and_measured_by_their_last_answer(tmp_path):
+    """A file of conversations (a messages column): both modes copy conversations whole; smart mode
+    measures the turns before the last answer and that answer, so one that does not end with an
+    answer is dropped as empty, and duplicated conversations are dropped once."""
+    rng = np.random.default_rng(3)
+    message = pa.struct([("role", pa.string()), ("content", pa.string())])
+    conversations = []
+    for i in range(200):
+        turns = [{"role": "user", "content": _chinese(rng, 20)}, {"role": "assistant", "content": _chinese(rng, 80)}]
+        if i % 10 == 0:
+            turns = turns[:1]  # no answer
+        conversations.append(turns)
+    conversations[5] = conversations[4]  # a duplicate
+    path = tmp_path / "chats.parquet"
+    pq.write_table(pa.table({"row_id": pa.array(range(200), pa.int64()),
+                             "messages": pa.array(conversations, pa.list_(message))}), path, row_group_size=64)
+    out = tmp_path / "random.parquet"
+    sample_parquet([Source(str(path), num_samples=50)], str(out), seed=1, progress=False)
+    kept = pq.read_table(out).to_pylist()
+    assert len(kept) == 50 and all(r["messages"] == conversations[r["row_id"]] for r in kept)
+    smart = tmp_path / "smart.parquet"
+    report = sample_parquet([Source(str(path), num_samples=1000)], str(smart), seed=1, progress=False,
+                            smart=SmartOptions(min_response_chars=4))
+    ids = {r["row_id"] for r in pq.read_table(smart).to_pylist()}
+    assert not ids & set(range(0, 200, 10)) and report.dropped["null_or_empty"] == 20
+    assert len(ids) == 200 - 20 - 1 and not {4, 5} <= ids

@@ -139,16 +139,53 @@ def test_sse_wire_format_ends_with_done(url):
     assert first["object"] == "chat.completion.chunk" and first["choices"][0]["delta"]["role"] == "assistant"
 
 
-def test_only_the_last_user_message_is_answered_and_the_response_says_so(url, bot):
+@pytest.fixture(scope="module")
+def old_model(base_model, tmp_path_factory):
+    """The base model as a directory saved before chat templates existed (its tokenizer has none)."""
+    old = tmp_path_factory.mktemp("old") / "model"
+    shutil.copytree(base_model, old)
+    config = json.load(open(old / "tokenizer_config.json"))
+    config.pop("chat_template", None)
+    json.dump(config, open(old / "tokenizer_config.json", "w"))
+    for name in os.listdir(old):
+        if name.startswith("chat_template"):
+            os.remove(old / name)
+    return str(old)
+
+
+def test_a_model_without_a_template_answers_the_last_user_message_and_says_so(old_model, bot):
     messages = [{"role": "system", "content": "你好"}, {"role": "user", "content": PROMPTS[0]},
                 {"role": "assistant", "content": "三"}, {"role": "user", "content": PROMPTS[1]}]
-    response = httpx.post(f"{url}/v1/chat/completions", json={"messages": messages}, timeout=60)
-    body = response.json()
-    assert body["choices"][0]["message"]["content"] == bot.answer(PROMPTS[1])[0]
-    assert response.headers["x-chatlm-ignored-messages"] == "3"
-    assert "single-turn" in body["warnings"][0]
-    alone = httpx.post(f"{url}/v1/chat/completions", json={"messages": messages[-1:]}, timeout=60)
-    assert "warnings" not in alone.json() and alone.headers["x-chatlm-ignored-messages"] == "0"
+    with live_server(old_model) as url:
+        response = httpx.post(f"{url}/v1/chat/completions", json={"messages": messages}, timeout=60)
+        body = response.json()
+        assert body["choices"][0]["message"]["content"] == bot.answer(PROMPTS[1])[0]
+        assert response.headers["x-chatlm-ignored-messages"] == "3"
+        assert "single-turn" in body["warnings"][0]
+        alone = httpx.post(f"{url}/v1/chat/completions", json={"messages": messages[-1:]}, timeout=60)
+        assert "warnings" not in alone.json() and alone.headers["x-chatlm-ignored-messages"] == "0"
+        assert httpx.get(f"{url}/health", timeout=60).json()["chat_template"] is False
+
+
+def test_a_model_with_a_template_reads_every_message(base_model):
+    from model.conversations import fit
+    from model.infer import ChatBot
+    bot = ChatBot(base_model, "cpu")
+    bot.max_prompt_tokens = 96  # the server's below: the test tokenizer spells the role markers out
+    messages = [{"role": "system", "content": "你好"}, {"role": "user", "content": PROMPTS[0]},
+                {"role": "assistant", "content": "三"}, {"role": "user", "content": PROMPTS[1]}]
+    assert fit(bot.tokenizer, messages, 96)[1] == 0
+    with live_server(base_model, max_prompt_tokens=96) as url:
+        response = httpx.post(f"{url}/v1/chat/completions", json={"messages": messages}, timeout=60)
+        assert response.json()["choices"][0]["message"]["content"] == bot.answer([messages])[0]
+        assert response.headers["x-chatlm-dropped-messages"] == "0" and "warnings" not in response.json()
+        # Longer than the model reads: the oldest turns go first, and the answer says how many.
+        long = [m for n in range(12) for m in ({"role": "user", "content": f"把{n}写成中文数字。"},
+                                               {"role": "assistant", "content": "零"})] + messages[-1:]
+        cut = httpx.post(f"{url}/v1/chat/completions", json={"messages": long}, timeout=60)
+        assert cut.headers["x-chatlm-dropped-messages"] == str(fit(bot.tokenizer, long, 96)[1])
+        assert int(cut.headers["x-chatlm-dropped-messages"]) >= 2 and "left out" in cut.json()["warnings"][0]
+        assert cut.json()["choices"][0]["message"]["content"] == bot.answer([long])[0]
 
 
 def test_stop_strings_max_tokens_and_seeded_sampling(url, bot):

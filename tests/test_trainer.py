@@ -11,7 +11,8 @@ import torch
 from safetensors.torch import load_file
 
 from config import TrainConfig, load_config
-from conftest import MODES, ROOT, as_dpo_file, as_args, cli, free_port, launch, mode_flags, run_cli, tiny_flags, write_rows
+from conftest import (MODES, ROOT, as_args, as_dpo_file, as_messages_file, cli, free_port, launch, mode_flags, run_cli,
+                      tiny_flags, write_rows)
 from model.evaluation import evaluate
 from model.policy import get_lr_lambda, get_optimizer
 from model.run import Run
@@ -105,9 +106,11 @@ def test_accumulation_scales_the_loss_exactly_once(tmp_path, tokenizer_dir, base
     # same mean loss, so gradients and updates must match.
     n = [1234, 5678, 9012, 3456, 7890, 2345, 6789, 1357] * 2
     path = write_rows(tmp_path / "eq.parquet", [f"{x}是多少？" for x in n], [str(x)[::-1] for x in n])
-    extra, pairs = mode_flags(mode, base_model)
-    if pairs:
+    extra, data = mode_flags(mode, base_model)
+    if data == "pairs":
         path = as_dpo_file(path, tmp_path / "eq_pairs.parquet")
+    elif data == "messages":  # one question a conversation: the same rows
+        path = as_messages_file(path, tmp_path / "eq_messages.parquet", remember_every=0)[0]
     # Adafactor's update is continuous in the gradient (Adam's first steps are nearly its sign, which
     # turns rounding noise in near-zero gradients into full-size differences); the grad norm,
     # logged before clipping, catches a loss scaled twice.
@@ -132,7 +135,7 @@ def test_accumulation_scales_the_loss_exactly_once(tmp_path, tokenizer_dir, base
 
     from config import T5ModelConfig
     from model.chat_model import TextToTextModel, get_t5_config
-    if mode == "seq2seq":
+    if mode in ("seq2seq", "messages"):
         set_seed(micro.cfg.seed)  # the initial weights of both runs
         init = TextToTextModel(get_t5_config(T5ModelConfig.preset("tiny"), len(micro.tokenizer)))
     else:
@@ -255,18 +258,22 @@ def read_trace(out_dir):
 
 
 def mode_data(mode, base_model, data_dir, tmp_path, train_file=None):
-    """The flags of a mode, with the data (train_file, validation_file) as pairs where it needs them."""
-    extra, pairs = mode_flags(mode, base_model)
+    """The flags of a mode, with the data (train_file, validation_file) as pairs or conversations
+    where it needs them."""
+    extra, data = mode_flags(mode, base_model)
     train_file = train_file or str(data_dir / "train.parquet")
-    if pairs:
+    if data == "pairs":
         extra["train_file"] = as_dpo_file(train_file, tmp_path / "train_pairs.parquet")
         extra["validation_file"] = as_dpo_file(data_dir / "valid.parquet", tmp_path / "valid_pairs.parquet")
+    elif data == "messages":
+        extra["train_file"] = as_messages_file(train_file, tmp_path / "train_messages.parquet")[0]
+        extra["validation_file"] = as_messages_file(data_dir / "valid.parquet", tmp_path / "valid_messages.parquet")[0]
     else:
         extra["train_file"] = train_file
     return extra
 
 
-@pytest.mark.parametrize("mode", ["seq2seq", "dpo", "lora", "grpo"])
+@pytest.mark.parametrize("mode", ["seq2seq", "dpo", "messages", "lora", "grpo"])
 def test_resume_after_sigterm_twice_matches_an_uninterrupted_run(tmp_path, data_dir, tokenizer_dir, base_model, mode):
     # 40 optimizer steps of 2 micro-batches: 80 batches, over two epochs of 50 batches.
     common = dict(max_steps=40, gradient_accumulation_steps=2, epochs=5, trace_samples=True, learn_rate=3e-3,
@@ -298,23 +305,8 @@ def test_resume_after_sigterm_twice_matches_an_uninterrupted_run(tmp_path, data_
         assert values == pytest.approx(logged_b[step], abs=1e-6), step
 
 
-def test_two_processes_train_and_save_a_loadable_model(tmp_path, data_dir, tokenizer_dir):
-    from transformers import AutoModelForSeq2SeqLM
-    flags = tiny_flags(tmp_path, data_dir, tokenizer_dir, max_steps=4, trace_samples=True)
-    # The shipped DDP config: `accelerate launch --cpu` would start one process unless MPI is set
-    # up; MULTI_GPU starts two through torchrun, and without a GPU the trainer joins them over gloo.
-    proc = launch([sys.executable, "-m", "accelerate.commands.launch", "--main_process_port", str(free_port()),
-                   "--config_file", os.path.join(ROOT, "configs", "accelerate", "ddp.yaml"),
-                   "train.py", "train", *as_args(flags)])
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "2 process(es)" in proc.stdout
-    rows = [set(), set()]
-    for rank in range(2):
-        with open(os.path.join(flags["output_dir"], f"samples.rank{rank}.jsonl"), encoding="utf-8") as f:
-            for line in f:
-                rows[rank].update(json.loads(line)["rows"])
-    assert rows[0] and rows[1] and not rows[0] & rows[1]  # each process reads its own rows
-    AutoModelForSeq2SeqLM.from_pretrained(os.path.join(flags["output_dir"], "final"))
+# Two processes through the shipped DDP config (configs/accelerate/ddp.yaml), each reading its own
+# rows and saving a model AutoModelForSeq2SeqLM loads: tests/test_engines.py, beside FSDP2.
 
 
 def test_quickstart_main_command_on_a_reduced_budget(tmp_path):
@@ -412,7 +404,7 @@ def uneven_file(tmp_path_factory):
     return str(path), sorted(set(range(203)) - set(range(0, 203, 17)))
 
 
-@pytest.mark.parametrize("mode", ["seq2seq", "dpo", "lora+kl", "grpo"])
+@pytest.mark.parametrize("mode", ["seq2seq", "dpo", "messages", "lora+kl", "grpo"])
 def test_two_processes_two_workers_train_on_every_row_once(tmp_path, uneven_file, tokenizer_dir, data_dir, base_model,
                                                            mode):
     path, non_empty_rows = uneven_file
@@ -423,6 +415,9 @@ def test_two_processes_two_workers_train_on_every_row_once(tmp_path, uneven_file
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     ranks = traced_rows(flags["output_dir"])
     seen = [i for rank in ranks for batch in rank for i in batch]
+    if mode == "messages":  # a conversation is a row per assistant turn, all with its row number
+        turns = as_messages_file(path, tmp_path / "check.parquet")[1]
+        non_empty_rows = sorted(i for i, k in enumerate(turns) for _ in range(k))
     assert sorted(seen) == non_empty_rows  # every non-empty row exactly once, none dropped at the end
     assert set(i for b in ranks[0] for i in b).isdisjoint(i for b in ranks[1] for i in b)
     assert len(ranks[0]) != len(ranks[1])  # the shards really were uneven

@@ -13,6 +13,7 @@ from utils.errors import UserError
 
 # The data contract: string columns prompt and response (other columns are carried along).
 TEXT_COLUMNS = ("prompt", "response")
+MESSAGES = "messages"  # conversations: a list of {role, content} turns (model/conversations.py)
 
 
 def open_parquet(path: str, columns=TEXT_COLUMNS) -> pq.ParquetFile:

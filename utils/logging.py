@@ -105,6 +105,7 @@ CONSOLE_FORMAT = {
     "train/loss": ("loss", "{:.4f}"), "train/lr": ("lr", "{:.3e}"), "train/tokens_per_s": ("tokens/s", "{:,.0f}"),
     "train/samples_per_s": (None, None), "train/grad_norm": ("grad_norm", "{:.3f}"),
     "data/empty_rows_skipped": ("empty_rows_skipped", "{}"), "eval/perplexity": ("perplexity", "{:.2f}"),
+    "data/histories_truncated": ("histories_truncated", "{}"),
 }
 
 

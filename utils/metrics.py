@@ -3,8 +3,6 @@ evaluation, the GRPO rewards and `make_dpo_pairs` compare answers with."""
 import unicodedata
 from collections import defaultdict
 
-from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu
-
 
 def char_tokens(text: str) -> list[str]:
     # Chinese has no spaces: BLEU is taken over characters, spaces ignored.
@@ -20,6 +18,7 @@ def bleu4(references: list[str], hypotheses: list[str]) -> float:
         raise ValueError(f"{len(references)} references for {len(hypotheses)} hypotheses")
     if not references:
         return 0.0
+    from nltk.translate.bleu_score import SmoothingFunction, corpus_bleu  # imported when scored: a second at start-up
     return float(corpus_bleu([[char_tokens(r)] for r in references], [char_tokens(h) for h in hypotheses],
                              smoothing_function=SmoothingFunction().method1))
 

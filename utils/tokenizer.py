@@ -2,7 +2,8 @@
 
 Special tokens: [PAD]=0 (also T5's decoder start token), [EOS]=1, [UNK]=2. The tokenizer
 appends [EOS] to every text itself, so `tokenizer(prompt)` is exactly the encoder input the
-model was trained on.
+model was trained on; its chat template (model/conversations.py, in tokenizer_config.json)
+renders a conversation's history as that text: `apply_chat_template(messages, tokenize=False)`.
 """
 import os
 
@@ -12,9 +13,20 @@ from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, 
 from transformers import PreTrainedTokenizerFast
 
 from utils.errors import UserError
-from utils.files import TEXT_COLUMNS, atomic_dir, expand_files, open_parquet
+from utils.files import MESSAGES, TEXT_COLUMNS, atomic_dir, expand_files, open_parquet
 
 PAD, EOS, UNK = "[PAD]", "[EOS]", "[UNK]"
+# How a conversation's history is the encoder's input (model/conversations.py): one user message
+# is its content alone, as a single-turn prompt always was; a longer history is each turn after a
+# marker of its role. Saved in tokenizer_config.json, so every tool that applies chat templates
+# renders exactly what the model was trained on.
+CHAT_TEMPLATE = (
+    "{%- if messages | length == 1 and messages[0]['role'] == 'user' -%}"
+    "{{ messages[0]['content'] }}"
+    "{%- else -%}"
+    "{%- for message in messages -%}<{{ message['role'] }}>{{ message['content'] }}{%- endfor -%}"
+    "{%- endif -%}")
+
 SPECIAL_TOKENS = [PAD, EOS, UNK]
 # Always in the vocabulary, however rare in the corpus: the space marker and printable ASCII.
 ASCII_ALPHABET = ["▁"] + [chr(c) for c in range(33, 127)]
@@ -32,13 +44,18 @@ def iter_corpus(files: list[str], max_rows: int, seed: int = 0):
     keep = min(1.0, max_rows / max(total, 1))
     rng = np.random.default_rng(seed)
     for path, pf in parquet.items():
-        columns = [c for c in TEXT_COLUMNS if c in pf.schema_arrow.names]
+        columns = [c for c in (*TEXT_COLUMNS, MESSAGES) if c in pf.schema_arrow.names]
         if not columns:
-            raise UserError(f"{path} has no prompt/response column (found {pf.schema_arrow.names})")
+            raise UserError(f"{path} has no prompt/response or messages column (found {pf.schema_arrow.names})")
         for batch in pf.iter_batches(batch_size=8192, columns=columns):
             chosen = np.flatnonzero(rng.random(batch.num_rows) < keep)
-            for column in batch.columns:
-                yield from (t for t in column.take(chosen).to_pylist() if t)
+            for name, column in zip(batch.column_names, batch.columns):
+                for value in column.take(chosen).to_pylist():
+                    if name != MESSAGES:
+                        if value:
+                            yield value
+                    elif isinstance(value, list):  # a conversation: its turns as the template renders them
+                        yield "".join(f"<{m.get('role')}>{m.get('content') or ''}" for m in value if isinstance(m, dict))
     for path in text:
         with open(path, encoding="utf-8") as f:
             for line in f:
@@ -77,6 +94,7 @@ def train_tokenizer(files: str | list[str], output_dir: str, vocab_size: int = 2
     fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, pad_token=PAD, eos_token=EOS, unk_token=UNK,
         model_max_length=model_max_length, clean_up_tokenization_spaces=False)
+    fast.chat_template = CHAT_TEMPLATE
     assert fast.pad_token_id == 0 and fast.eos_token_id == 1, "special token ids moved"
     save_tokenizer(fast, output_dir)
     return fast

@@ -1,4 +1,6 @@
-"""Sample rows of prompt/response parquet files without loading them.
+"""Sample rows of prompt/response parquet files, or of conversations (a `messages` column of
+{role, content} turns, measured as the turns before the last answer and that answer), without
+loading them.
 
 Two modes share one streaming reader and one writer:
 - random: a uniform sample without replacement, reproducible from the seed;
@@ -15,9 +17,10 @@ features (text features and MinHash) and parquet_io (reading and writing).
 from __future__ import annotations
 
 import numpy as np
+import pyarrow as pa
 
 from utils.errors import UserError
-from utils.files import open_parquet
+from utils.files import MESSAGES, open_parquet
 from utils.sampling.options import (DEFAULT_ROW_GROUP_SIZE, SampleReport, SmartOptions, Source, check_outputs,
                                     get_count, get_output_schema, is_whole, split_in_proportion)
 from utils.sampling.parquet_io import write_chosen
@@ -49,7 +52,7 @@ def sample_parquet(sources: list[Source], output: str, *, valid_output: str | No
         raise UserError("give --valid_output and --valid_samples together, or neither")
     if valid_samples and (not is_whole(valid_samples) or valid_samples <= 0):
         raise UserError(f"--valid_samples must be a whole number > 0, got {valid_samples!r}")
-    files = [open_parquet(s.path) for s in sources]
+    files = [open_input(s.path) for s in sources]
     outputs = [p for p in (output, valid_output) if p is not None]
     check_outputs(outputs, [s.path for s in sources], overwrite)
     schema = get_output_schema(files, [s.path for s in sources])
@@ -70,6 +73,19 @@ def sample_parquet(sources: list[Source], output: str, *, valid_output: str | No
     write_chosen(files, chosen, schema, output, valid_output, row_group_size, seed,
                   count_before=smart is None, progress=progress, report=report)
     return report
+
+
+def open_input(path: str):
+    """An input: string prompt and response columns, or a messages column of {role, content} turns."""
+    names = open_parquet(path, ()).schema_arrow.names
+    if MESSAGES in names and "prompt" not in names:
+        pf = open_parquet(path, ())
+        kind = pf.schema_arrow.field(MESSAGES).type
+        if not ((pa.types.is_list(kind) or pa.types.is_large_list(kind)) and pa.types.is_struct(kind.value_type)
+                and {"role", "content"} <= {f.name for f in kind.value_type}):
+            raise UserError(f"column messages of {path} is {kind}; it must be a list of {{role, content}} structs")
+        return pf
+    return open_parquet(path)
 
 
 def get_sources(inputs: list[str], num_samples: list | None, ratio: list | None) -> list[Source]:

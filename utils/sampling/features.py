@@ -11,6 +11,7 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.compute as pc
 
+from utils.files import MESSAGES
 from utils.sampling.options import FULL_RESPONSE_CHARS, MINHASH_BINS
 
 
@@ -87,6 +88,26 @@ def _mix64(x: np.ndarray) -> np.ndarray:
     x *= np.uint64(0x94D049BB133111EB)
     x ^= x >> np.uint64(31)
     return x
+
+
+def text_views(batch) -> tuple[pa.Array, pa.Array]:
+    """What the sampler measures of a batch (or table): its prompt and response, or of each
+    conversation (a `messages` column) the turns before its last answer, joined by a space, and that
+    answer (an assistant turn's; a conversation that does not end with one has none: an empty row)."""
+    if "prompt" in batch.schema.names:
+        return batch["prompt"], batch["response"]
+    prompts, responses = [], []
+    for turns in batch["messages"].to_pylist():
+        turns = [t for t in turns or [] if isinstance(t, dict)]
+        answer = turns[-1].get("content") if turns and turns[-1].get("role") == "assistant" else None
+        prompts.append(" ".join(t.get("content") or "" for t in turns[:-1]) if answer is not None else None)
+        responses.append(answer)
+    return pa.array(prompts, pa.string()), pa.array(responses, pa.string())
+
+
+def text_source_columns(names) -> list[str]:
+    """The columns `text_views` reads."""
+    return ["prompt", "response"] if "prompt" in names else [MESSAGES]
 
 
 def get_text_features(prompt: pa.Array, response: pa.Array,

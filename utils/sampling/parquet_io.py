@@ -13,6 +13,7 @@ import pyarrow.parquet as pq
 from tqdm import tqdm
 
 from utils.files import TEXT_COLUMNS
+from utils.sampling.features import text_views
 from utils.sampling.options import BATCH_ROWS, OUTPUT_COMPRESSION, SampleReport
 from utils.sampling.random_mode import groups_to_read, row_group_sizes
 
@@ -77,8 +78,8 @@ def _iter_chosen(parquet_file: pq.ParquetFile, train: np.ndarray, valid: np.ndar
             pieces.append(batch.take(pa.array(local, pa.int64())))
         if count_before:
             report.rows_read += batch.num_rows
-            for column in TEXT_COLUMNS:
-                report.lengths_before[column].add(pc.drop_null(pc.utf8_length(batch[column])).to_numpy())
+            for column, texts in zip(TEXT_COLUMNS, text_views(batch)):
+                report.lengths_before[column].add(pc.drop_null(pc.utf8_length(texts)).to_numpy())
         bar.update(batch.num_rows)
         yield pieces
 
@@ -96,8 +97,8 @@ class _Output:
     def write(self, table: pa.Table, report: SampleReport):
         self.writer.write_table(table, row_group_size=table.num_rows)
         self.rows += table.num_rows
-        for column in TEXT_COLUMNS:
-            report.lengths_after[column].add(pc.drop_null(pc.utf8_length(table[column])).to_numpy())
+        for column, texts in zip(TEXT_COLUMNS, text_views(table)):
+            report.lengths_after[column].add(pc.drop_null(pc.utf8_length(texts)).to_numpy())
 
     def commit(self, report: SampleReport):
         self.writer.close()

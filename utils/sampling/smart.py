@@ -8,8 +8,7 @@ from dataclasses import dataclass
 import numpy as np
 from tqdm import tqdm
 
-from utils.files import TEXT_COLUMNS
-from utils.sampling.features import get_text_features
+from utils.sampling.features import get_text_features, text_source_columns, text_views
 from utils.sampling.options import (DROP_REASONS, KEPT, MINHASH_BINS, SCORE_BATCH_ROWS, SampleReport, SmartOptions,
                                     NULL_OR_EMPTY, PROMPT_LENGTH, RESPONSE_LENGTH, fit_to_available)
 from utils.sampling.parquet_io import prefetch
@@ -99,9 +98,9 @@ def _score_rows(files, starts: np.ndarray, options: SmartOptions, lsh: tuple[int
         for parquet_file, start in zip(files, starts):
             pending = collections.deque()
             row = int(start)
-            for batch in prefetch(parquet_file.iter_batches(batch_size=SCORE_BATCH_ROWS,
-                                                             columns=list(TEXT_COLUMNS))):
-                pending.append((row, pool.submit(get_text_features, batch["prompt"], batch["response"], lsh)))
+            columns = text_source_columns(parquet_file.schema_arrow.names)
+            for batch in prefetch(parquet_file.iter_batches(batch_size=SCORE_BATCH_ROWS, columns=columns)):
+                pending.append((row, pool.submit(lambda b: get_text_features(*text_views(b), lsh), batch)))
                 row += batch.num_rows
                 while len(pending) > 2 or (pending and pending[0][1].done()):
                     store(*pending.popleft())
