@@ -149,7 +149,7 @@ def chat_model(tmp_path_factory):
                  output_dir=str(out / "model"), train_state_dir=str(out / "model" / "state"), model_size="tiny",
                  max_seq_len=48, batch_size_per_gpu=32, gradient_accumulation_steps=1, learn_rate=3e-3,
                  warmup_steps=20, epochs=8, max_steps=150, last_turn_only=True, log_with="none", seed=3)
-    run_cli("train.py", "train", *as_args(flags))
+    train(flags)
     return str(out / "model" / "final")
 
 

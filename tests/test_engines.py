@@ -129,16 +129,15 @@ def test_fsdp2_resumes_bit_exactly(tmp_path, data_dir, tokenizer_dir, base_model
 def test_fsdp2_lora_resumes_bit_exactly_and_states_move_between_engines(tmp_path, data_dir, tokenizer_dir, base_model,
                                                                          capsys):
     """LoRA with kl_beta through the chunked head (the reference's head gathered whole), under the
-    Accelerate FSDP2 config: a bit-exact resume, the run DDP makes, and its train states moved
-    DDP -> FSDP2 -> DDP and into one process with weights and optimizer state exact (each resume
-    at the saved step saves again at once, and the files agree)."""
+    Accelerate FSDP2 config: a bit-exact resume, then its train state moved FSDP2 -> DDP -> FSDP2
+    and into one process with weights and optimizer state exact (each resume at the saved step
+    saves again at once, and the files agree). (DDP's own run beside FSDP2's: the GRPO case.)"""
     common = resume_flags("lora+kl", base_model, data_dir, tmp_path, "lora", "no", loss_chunk_tokens=7)
     straight, out = train_straight_and_resumed(tmp_path, data_dir, tokenizer_dir, "full", common)
-    ddp = check_trains_as_ddp(tmp_path, data_dir, tokenizer_dir, common, straight, out)
-    ddp_state = ckpt.state_path(ddp["train_state_dir"], common["max_steps"])
+    fsdp_state = ckpt.state_path(straight["train_state_dir"], common["max_steps"])
     moves = []
-    for engine in ("full", "ddp"):
-        previous = moves[-1] if moves else ddp_state
+    for engine in ("ddp", "full"):  # a state FSDP2 saved into DDP, and the one DDP saved again into FSDP2
+        previous = moves[-1] if moves else fsdp_state
         there = tiny_flags(tmp_path / f"to_{engine}", data_dir, tokenizer_dir, **common, is_keep_training=True)
         shutil.copytree(previous, os.path.join(there["train_state_dir"], os.path.basename(previous)))
         out = run(there, engine)
@@ -146,7 +145,6 @@ def test_fsdp2_lora_resumes_bit_exactly_and_states_move_between_engines(tmp_path
         state = ckpt.state_path(there["train_state_dir"], common["max_steps"])
         same_state(previous, state)
         moves.append(state)
-    fsdp_state = moves[0]
 
     # The FSDP2-saved state's weights and optimizer state, into one process.
     single = train(tiny_flags(tmp_path / "one", data_dir, tokenizer_dir, **{**common, "max_steps": 1}))
