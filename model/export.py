@@ -15,8 +15,9 @@ ORTModelForSeq2SeqLM reads), with the model's config, generation config and toke
 The exporter is torch's own (torch.onnx, tracing the model's forward), not optimum's: optimum's
 ONNX exporter (optimum-onnx 0.1, the latest) requires transformers < 4.58 and fails to import
 with the transformers 5 this project runs on. Nothing of the graphs is written by hand: each is
-T5's own forward with its cache, traced. The export is checked before it is kept: the
-first-step logits of every graph and a greedy answer through onnxruntime equal PyTorch's.
+T5's own forward with its cache, traced. The export is checked before it is kept: greedy answers
+to three prompts through onnxruntime equal PyTorch's (a failed check is one error line and
+nothing is written).
 """
 import os
 
@@ -79,6 +80,10 @@ def export(model_dir: str, output_dir: str, overwrite: bool = False, log=print) 
 
     from model.infer import ChatBot
     from utils.files import atomic_dir, refuse_to_replace
+    out, src = os.path.realpath(output_dir), os.path.realpath(model_dir)
+    if src == out or src.startswith(out + os.sep):
+        raise UserError(f"--output_dir={output_dir} is the model directory itself or holds it; write the export "
+                        "elsewhere")
     refuse_to_replace(output_dir, "output_dir", overwrite)
     bot = ChatBot(model_dir, "cpu")
     model = bot.model.eval()
@@ -92,21 +97,13 @@ def export(model_dir: str, output_dir: str, overwrite: bool = False, log=print) 
         hidden = model.get_encoder()(input_ids=ids, attention_mask=mask).last_hidden_state
         start = torch.full((ids.shape[0], 1), PAD_ID, dtype=torch.long)
         first = Decoder(model, with_past=False)(start, hidden, mask)
-        batch, source, step = {0: "batch"}, {0: "batch", 1: "source"}, {0: "batch", 2: "past"}
-        onnx(Encoder(model), (ids, mask), os.path.join(tmp, "encoder_model.onnx"), ["input_ids", "attention_mask"],
-             ["last_hidden_state"], {"input_ids": source, "attention_mask": source, "last_hidden_state": source})
-        onnx(Decoder(model, with_past=False), (start, hidden, mask), os.path.join(tmp, "decoder_model.onnx"),
-             ["input_ids", "encoder_hidden_states", "encoder_attention_mask"], ["logits"] + names(layers, "present"),
-             {"input_ids": batch, "encoder_hidden_states": source, "encoder_attention_mask": source, "logits": batch,
-              **{n: ({0: "batch", 2: "source"} if ".encoder." in n else step) for n in names(layers, "present")}})
-        past_names = names(layers, "past_key_values")
-        onnx(Decoder(model, with_past=True), (start, hidden, mask, *first[1:]),
-             os.path.join(tmp, "decoder_with_past_model.onnx"),
-             ["input_ids", "encoder_hidden_states", "encoder_attention_mask", *past_names],
-             ["logits"] + names(layers, "present", cross=False),
-             {"input_ids": batch, "encoder_hidden_states": source, "encoder_attention_mask": source, "logits": batch,
-              **{n: ({0: "batch", 2: "source"} if ".encoder." in n else step) for n in past_names},
-              **{n: step for n in names(layers, "present", cross=False)}})
+        try:
+            write_graphs(model, tmp, ids, mask, hidden, start, first, layers)
+        except OSError:
+            raise  # a full disk or a lost mount: atomic_dir says so
+        except Exception as err:  # noqa: BLE001 (the tracer raises whatever the model's code raises)
+            raise UserError(f"torch.onnx could not export {model_dir} ({str(err).splitlines()[0][:300]}); the export "
+                            "takes T5 models written by `train`: report this with the model's config.json") from None
         model.config.save_pretrained(tmp)
         model.generation_config.save_pretrained(tmp)
         bot.tokenizer.save_pretrained(tmp)
@@ -119,6 +116,25 @@ def export(model_dir: str, output_dir: str, overwrite: bool = False, log=print) 
                             f"{torch_answers!r}; report this with the model's config.json")
     log(f"exported {model_dir} to {output_dir} in {seconds:.1f} s (greedy answers checked equal to PyTorch's)")
     return {"seconds": seconds}
+
+
+def write_graphs(model, out: str, ids, mask, hidden, start, first, layers: int) -> None:
+    """The three graphs into `out`, traced on a sample batch (every size but the model's own is dynamic)."""
+    batch, source, step = {0: "batch"}, {0: "batch", 1: "source"}, {0: "batch", 2: "past"}
+    onnx(Encoder(model), (ids, mask), os.path.join(out, "encoder_model.onnx"), ["input_ids", "attention_mask"],
+         ["last_hidden_state"], {"input_ids": source, "attention_mask": source, "last_hidden_state": source})
+    onnx(Decoder(model, with_past=False), (start, hidden, mask), os.path.join(out, "decoder_model.onnx"),
+         ["input_ids", "encoder_hidden_states", "encoder_attention_mask"], ["logits"] + names(layers, "present"),
+         {"input_ids": batch, "encoder_hidden_states": source, "encoder_attention_mask": source, "logits": batch,
+          **{n: ({0: "batch", 2: "source"} if ".encoder." in n else step) for n in names(layers, "present")}})
+    past_names = names(layers, "past_key_values")
+    onnx(Decoder(model, with_past=True), (start, hidden, mask, *first[1:]),
+         os.path.join(out, "decoder_with_past_model.onnx"),
+         ["input_ids", "encoder_hidden_states", "encoder_attention_mask", *past_names],
+         ["logits"] + names(layers, "present", cross=False),
+         {"input_ids": batch, "encoder_hidden_states": source, "encoder_attention_mask": source, "logits": batch,
+          **{n: ({0: "batch", 2: "source"} if ".encoder." in n else step) for n in past_names},
+          **{n: step for n in names(layers, "present", cross=False)}})
 
 
 def onnx(module, args, path, input_names, output_names, dynamic_axes) -> None:

@@ -190,3 +190,8 @@ def test_onnx_export_answers_as_the_model(tmp_path, chat_model):
     other = run_cli("train.py", "export", f"--model_dir={chat_model}", "--format=tflite", f"--output_dir={out}x",
                     check=False)
     assert other.returncode == 2 and "onnx" in other.stderr and not os.path.exists(f"{out}x")
+    for over in (chat_model, os.path.dirname(chat_model)):  # the model itself, or the folder holding it
+        itself = run_cli("train.py", "export", f"--model_dir={chat_model}", f"--output_dir={over}",
+                         "--overwrite=True", check=False)
+        assert itself.returncode == 2 and "model directory itself" in itself.stderr
+        assert os.path.isfile(os.path.join(chat_model, "model.safetensors"))
