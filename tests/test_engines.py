@@ -205,3 +205,22 @@ def test_engine_mistakes_are_one_line(tmp_path, data_dir, tokenizer_dir, capsys)
         assert proc.stderr.startswith("error: ") and proc.stderr.count("\n") == 1 and message in proc.stderr, \
             proc.stderr
         assert not os.path.exists(flags["output_dir"])
+
+
+def test_fsdp2_reduces_gradients_only_at_the_last_micro_batch(tmp_path, data_dir, tokenizer_dir):
+    """Accumulating 3 micro-batches under FSDP2, gradients reach the sharded parameters (the
+    reduce-scatter) only at the last of each step: after the other backwards no trainable
+    parameter holds a gradient, after the last every one does. (Were gradients synced at every
+    micro-batch, they would be there after the first.) A hook sees it, in a torchrun launch of
+    the loop itself (tests/launched_sync_probe.py)."""
+    flags = tiny_flags(tmp_path, data_dir, tokenizer_dir, max_steps=2, gradient_accumulation_steps=3, fsdp="full",
+                       validation_file="", logging_steps=10)
+    probe = tmp_path / "probe"
+    proc = launch([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_port",
+                   str(free_port()), os.path.join(ROOT, "tests", "launched_sync_probe.py"), json.dumps(flags),
+                   str(probe)])
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    for rank in range(2):
+        seen = [json.loads(line) for line in open(f"{probe}.rank{rank}", encoding="utf-8")]
+        assert [s["last"] for s in seen] == [False, False, True] * 2
+        assert all(s["grads"] == (s["params"] if s["last"] else 0) and s["params"] > 0 for s in seen), seen
