@@ -120,10 +120,7 @@ class TrainConfig:
     pad_to_multiple_of: int = 0  # round padded lengths up to a multiple; 0: 64 compiled, 8 on CUDA, else 1
     attn_implementation: str = "eager"  # eager or sdpa (torch's scaled_dot_product_attention)
     fsdp: str = ""  # shard over the processes with FSDP2: full (weights, gradients, optimizer state) or grad_op (ZeRO-2: all but the weights); "": none (DDP); set by an Accelerate FSDP2 launch config too
-    # Tokens per chunk of the output head and the loss, recomputed in backward: no (tokens,
-    # vocabulary) logits are kept (model/chunked.py); -1: auto (chunks of about 8 MB of logits
-    # for a batch whose full logits would reach 256 MB, the full logits below); 0: always the full logits
-    loss_chunk_tokens: int = -1
+    loss_chunk_tokens: int = -1  # tokens per chunk of the output head and loss, no (tokens, vocabulary) logits kept (model/chunked.py); -1: auto (8 MB chunks; for DPO, GRPO and kl_beta only where the full logits would reach 256 MB); 0: the full logits
     seed: int = 23333  # model init, dropout and data order
 
     # Data loading.

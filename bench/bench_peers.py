@@ -110,7 +110,7 @@ def run_chatlm(args: dict) -> dict:
                           output_dir=out, train_state_dir=f"{out}/state", seed=args["seed"], save_steps=10**9,
                           epochs=100, max_tokens_per_batch=args["max_tokens_per_batch"],
                           pad_to_multiple_of=args["pad_to_multiple_of"], attn_implementation=args["attn_implementation"],
-                          loss_chunk_tokens=args["loss_chunk_tokens"], **start)
+                          loss_chunk_tokens=args["loss_chunk_tokens"], trainable=args["trainable"], **start)
         ChatTrainer(cfg, hooks=[clock]).train()
         records = [r for r in read_metrics(out) if "train/tokens_per_s" in r]
     return {"tokens_per_s": float(np.median([r["train/tokens_per_s"] for r in records if r["step"] > args["warmup"]])),
@@ -258,7 +258,7 @@ def main(train_file: str = SAMPLE, model_size: str = "tiny", batch_size: int = 1
          tokenizer_dir: str = "/tmp/chatlm_bench_tokenizer", max_tokens_per_batch: int = 0,
          pad_to_multiple_of: int = 1, precision: str = "no", attn_implementation: str = "",
          loss_chunk_tokens: int = -1, model_vocab: int = 0, sections: str = "throughput,micro,memory,syncs",
-         only: str = ""):
+         trainable: str = "all", only: str = ""):
     """Print each section's figures, every pair side by side from one invocation."""
     from config import TrainConfig
     args = dict(train_file=train_file, model_size=model_size, batch_size=batch_size, steps=steps, warmup=warmup,
@@ -266,7 +266,7 @@ def main(train_file: str = SAMPLE, model_size: str = "tiny", batch_size: int = 1
                 max_tokens_per_batch=max_tokens_per_batch, pad_to_multiple_of=pad_to_multiple_of,
                 precision=precision, model_vocab=model_vocab,
                 attn_implementation=attn_implementation or TrainConfig.attn_implementation,
-                loss_chunk_tokens=loss_chunk_tokens)
+                loss_chunk_tokens=loss_chunk_tokens, trainable=trainable)
     if only:
         print(json.dumps({only: RUNS[only](args)}))
         return

@@ -11,7 +11,7 @@ from transformers import GenerationConfig, T5Config, T5ForConditionalGeneration
 from transformers.masking_utils import create_bidirectional_mask
 from transformers.utils import ModelOutput
 
-from model.chunked import token_logps
+from model.chunked import summed_nll, token_logps
 
 from config import T5ModelConfig
 
@@ -71,6 +71,7 @@ class HeadOutput(ModelOutput):
     hidden: torch.Tensor | None = None
     token_logps: torch.Tensor | None = None
     token_kl: torch.Tensor | None = None
+    summed_nll: torch.Tensor | None = None
 
 
 class TextToTextModel(T5ForConditionalGeneration):
@@ -88,7 +89,9 @@ class TextToTextModel(T5ForConditionalGeneration):
         reads it, no logits (`.hidden`); "logps", the log-probability of each label at
         `temperature` (`.token_logps`, 0 at padding) through the head in chunks of `chunk` tokens
         (model/chunked.py), and with `kl_to` = (the reference's "hidden", its head weight) the KL
-        to the reference at each token (`.token_kl`). No (tokens, vocabulary) tensor is kept."""
+        to the reference at each token (`.token_kl`); "nll", the sum of -log p(label) over the target
+        tokens (`.summed_nll`, the cross-entropy's numerator, its gradients made with it). No
+        (tokens, vocabulary) tensor is kept."""
         if kwargs.get("labels") is not None and attention_mask is not None and attention_mask.dim() == 2:
             attention_mask = self.padding_mask(attention_mask)
         if encoder_repeats > 1:
@@ -105,6 +108,8 @@ class TextToTextModel(T5ForConditionalGeneration):
         states = self.head_inputs(input_ids, attention_mask, encoder_outputs, labels)
         if head == "hidden":
             return HeadOutput(hidden=states)
+        if head == "nll":
+            return HeadOutput(summed_nll=summed_nll(states, self.lm_head.weight, labels, chunk))
         logps, kl = token_logps(states, self.lm_head.weight, labels, chunk, temperature, kl_to)
         return HeadOutput(token_logps=logps, token_kl=kl)
 

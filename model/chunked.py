@@ -7,7 +7,9 @@ policy's and the reference's distributions there. Computed from the full logits,
 16k target tokens, 1.9 GB each. Here the head's matmul, the log-softmax and the loss are fused
 per chunk of `chunk` tokens, and backward recomputes each chunk's logits instead of keeping them
 (the approach of fused linear-cross-entropy kernels such as Liger's), so at most one chunk's
-logits exist at a time. Liger and Cut-Cross-Entropy are Triton kernels for CUDA and give the
+logits exist at a time. Where the head is frozen (SFT, LoRA), each token's gradient with respect
+to its hidden state is made in forward instead, from the logits at hand, and backward only scales
+it: two head matmuls a chunk instead of three. Liger and Cut-Cross-Entropy are Triton kernels for CUDA and give the
 cross-entropy only, not per-token log-probabilities and a KL; this is pure torch, for every
 device and objective.
 
@@ -32,26 +34,49 @@ class ChunkedHead(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, hidden, weight, labels, inv_temperature: float, chunk: int, ref_hidden, ref_weight, dtype):
-        n = hidden.shape[0]
+        n, t = hidden.shape[0], inv_temperature
         logps = torch.empty(n, dtype=torch.float32, device=hidden.device)
         kl = torch.zeros(n if ref_hidden is not None else 0, dtype=torch.float32, device=hidden.device)
+        # With the head frozen (SFT's shared embedding, LoRA, a frozen decoder head) only the
+        # hidden states need a gradient, and each token's is its upstream gradient times a (d,)
+        # vector known here: d log p(label) / d h and d KL / d h. Made now from the logits at hand,
+        # they spare backward the recomputed logits (3 head matmuls a chunk become 2); they hold
+        # (N, d) floats, not (N, V).
+        ahead = ctx.needs_input_grad[0] and not ctx.needs_input_grad[1]
+        d_logp = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if ahead else None
+        d_kl = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) \
+            if ahead and ref_hidden is not None else None
+        mm = dtype or torch.promote_types(hidden.dtype, weight.dtype)
+        w = weight.to(mm) if ahead else None
         with torch.no_grad():
             for lo in range(0, n, chunk):
                 hi = min(n, lo + chunk)
-                logp = (_logits(hidden[lo:hi], weight, dtype) * inv_temperature).log_softmax(-1)
+                logp = (_logits(hidden[lo:hi], weight, dtype) * t).log_softmax(-1)
                 logps[lo:hi] = logp.gather(1, labels[lo:hi, None]).squeeze(1)
+                p = logp.exp() if ref_hidden is not None or ahead else None
                 if ref_hidden is not None:
-                    logq = (_logits(ref_hidden[lo:hi], ref_weight, dtype) * inv_temperature).log_softmax(-1)
-                    kl[lo:hi] = (logp.exp() * (logp - logq)).sum(-1)
-        ctx.save_for_backward(hidden, weight, labels, ref_hidden, ref_weight)
+                    d = logp - (_logits(ref_hidden[lo:hi], ref_weight, dtype) * t).log_softmax(-1)
+                    kl[lo:hi] = (p * d).sum(-1)
+                if ahead:  # as backward below: onehot(label) - p, and p * (log p - log q - KL)
+                    g = -p
+                    g[torch.arange(hi - lo, device=g.device), labels[lo:hi]] += 1.0
+                    d_logp[lo:hi] = ((g * t).to(mm) @ w).float()
+                    if d_kl is not None:
+                        d_kl[lo:hi] = ((p * (d - kl[lo:hi, None]) * t).to(mm) @ w).float()
+        ctx.save_for_backward(hidden, weight, labels, ref_hidden, ref_weight, d_logp, d_kl)
         ctx.inv_temperature, ctx.chunk, ctx.dtype = inv_temperature, chunk, dtype
         return logps, kl
 
     @staticmethod
     def backward(ctx, grad_logps, grad_kl):
-        hidden, weight, labels, ref_hidden, ref_weight = ctx.saved_tensors
+        hidden, weight, labels, ref_hidden, ref_weight, d_logp, d_kl = ctx.saved_tensors
         t, chunk, dtype = ctx.inv_temperature, ctx.chunk, ctx.dtype
         need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        if d_logp is not None:  # the head frozen: the gradients made in forward, scaled
+            grad_h = grad_logps[:, None] * d_logp
+            if d_kl is not None and grad_kl is not None:
+                grad_h = grad_h + grad_kl[:, None] * d_kl
+            return (grad_h.to(hidden.dtype), None, None, None, None, None, None, None)
         grad_h = torch.zeros_like(hidden) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         mm = dtype or torch.promote_types(hidden.dtype, weight.dtype)
@@ -76,6 +101,60 @@ class ChunkedHead(torch.autograd.Function):
             if need_w:
                 grad_w += (g.t() @ h).float()
         return (grad_h, grad_w.to(weight.dtype) if need_w else None, None, None, None, None, None, None)
+
+
+class ChunkedNLL(torch.autograd.Function):
+    """(N, d) hidden states, (V, d) head, (N,) labels (padding read as 0) and (N,) mask -> the
+    summed -log p(label) over the masked tokens, a scalar: the cross-entropy's numerator. Its
+    gradient is a scalar times fixed tensors, so they are made here in forward, chunk by chunk
+    from the logits at hand, and backward only scales them: three head matmuls a chunk (logits,
+    the hidden states' gradient, the head's), as the full logits take, not four (Liger's fused
+    linear cross-entropy works so). ChunkedHead stays for per-token results (DPO, GRPO, the KL)."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, labels, mask, chunk: int, dtype):
+        need_h, need_w = ctx.needs_input_grad[0], ctx.needs_input_grad[1]
+        n = hidden.shape[0]
+        mm = dtype or torch.promote_types(hidden.dtype, weight.dtype)
+        w = weight.to(mm)
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_h = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
+        grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
+        with torch.no_grad():
+            for lo in range(0, n, chunk):
+                hi = min(n, lo + chunk)
+                h = hidden[lo:hi].to(mm)
+                logp = (h @ w.t()).float().log_softmax(-1)
+                rows, m = torch.arange(hi - lo, device=h.device), mask[lo:hi]
+                total -= (logp[rows, labels[lo:hi]] * m).sum()
+                if need_h or need_w:  # d -log p(label) / d z = p - onehot(label), at the masked tokens
+                    g = logp.exp_()
+                    g[rows, labels[lo:hi]] -= 1.0
+                    g = (g * m[:, None]).to(mm)
+                    if need_h:
+                        grad_h[lo:hi] = (g @ w).float()
+                    if need_w:
+                        grad_w += (g.t() @ h).float()
+        ctx.save_for_backward(grad_h, grad_w)
+        ctx.dtypes = hidden.dtype, weight.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_total):
+        grad_h, grad_w = ctx.saved_tensors
+        return ((grad_total * grad_h).to(ctx.dtypes[0]) if grad_h is not None else None,
+                (grad_total * grad_w).to(ctx.dtypes[1]) if grad_w is not None else None, None, None, None, None)
+
+
+def summed_nll(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int = -1) -> torch.Tensor:
+    """(B, T, d) hidden states, the (V, d) head and (B, T) labels (-100: padding) -> the sum of
+    -log p(label) over the target tokens, through the head in chunks (ChunkedNLL)."""
+    device_type = hidden.device.type
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else None
+    flat = labels.reshape(-1)
+    mask = (flat != LABEL_PAD).float()
+    return ChunkedNLL.apply(hidden.reshape(-1, hidden.shape[-1]), weight, flat.clamp(min=0), mask,
+                            chunk_tokens(chunk, weight.shape[0]), dtype)
 
 
 AUTO_CHUNK_ELEMENTS = 2 ** 21  # 8 MB of fp32 logits a chunk

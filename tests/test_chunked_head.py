@@ -53,10 +53,14 @@ def objectives(tokenizer_dir):
     return {"seq2seq": Seq2Seq(), "kl_beta": Seq2Seq(kl_beta=0.3), "dpo": DPO(beta=0.1, rpo_alpha=0.5), "grpo": grpo}
 
 
+@pytest.mark.parametrize("frozen_head", [False, True], ids=["head_trains", "head_frozen"])
 @pytest.mark.parametrize("name", ["seq2seq", "kl_beta", "dpo", "grpo"])
-def test_chunked_losses_and_gradients_equal_the_full_logits_ones(tokenizer_dir, name):
+def test_chunked_losses_and_gradients_equal_the_full_logits_ones(tokenizer_dir, name, frozen_head):
+    """Every objective, with the head (the shared embedding) training, and frozen as SFT and LoRA
+    keep it (then the hidden states' gradients are made in forward)."""
     objective = objectives(tokenizer_dir)[name]
     model = tiny_model()
+    model.shared.requires_grad_(not frozen_head)
     reference_model = copy.deepcopy(model).eval().requires_grad_(False)
     with torch.no_grad():  # a reference that differs: KL and log-ratios are not 0
         for p in reference_model.parameters():
@@ -78,7 +82,7 @@ def test_chunked_losses_and_gradients_equal_the_full_logits_ones(tokenizer_dir, 
             if key.endswith("seconds") or key.endswith("per_s"):
                 continue  # clocks
             assert float(chunked[1][key]) == pytest.approx(float(value), rel=1e-5, abs=1e-6), key
-        assert full[2].keys() == chunked[2].keys()
+        assert full[2].keys() == chunked[2].keys() and ("shared.weight" in full[2]) != frozen_head
         for n, g in full[2].items():
             scale = float(g.abs().max()) + 1e-12
             assert float((chunked[2][n] - g).abs().max()) <= 1e-5 * scale, n
