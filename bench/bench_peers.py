@@ -275,7 +275,7 @@ def main(train_file: str = SAMPLE, model_size: str = "tiny", batch_size: int = 1
     tokenizer(train_file, tokenizer_dir, vocab_size)
     print(f"{torch.get_num_threads()} torch threads, data {os.path.basename(train_file)}, "
           f"attention {args['attn_implementation']}, loss chunks of {args['loss_chunk_tokens']} tokens")
-    wanted = sections.split(",")
+    wanted = sections.split(",") if isinstance(sections, str) else list(sections)  # fire reads a,b as a tuple
     if "throughput" in wanted:
         for p in ("no", "bf16"):
             print(f"\n== non-pad tokens/s: {model_size}, batch {batch_size}, {steps} steps ({warmup} not timed), "
