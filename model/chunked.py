@@ -169,10 +169,12 @@ def chunk_tokens(chunk: int, vocab: int) -> int:
 
 
 def use_chunks(chunk: int, labels: torch.Tensor, vocab: int) -> int:
-    """The `chunk` setting for a batch of `labels` (shapes only: no sync): -1 (auto) chunks where
-    the full logits would reach AUTO_FULL_ELEMENTS and keeps the full ones below, where the
-    recomputed matmul cost more than the memory saved (about 7% of a step at vocabulary 8,000 on
-    a CPU, while at 29,298 chunks were 8% faster); 0 never chunks; N > 0 always, N tokens a chunk."""
+    """The `chunk` setting for a batch of `labels` (shapes only: no sync), for ChunkedHead, whose
+    chunks recompute the logits in backward (DPO, GRPO, kl_beta; the plain cross-entropy's
+    ChunkedNLL does not and always chunks): -1 (auto) chunks where the full logits would reach
+    AUTO_FULL_ELEMENTS and keeps the full ones below, where the recomputed matmul cost more than
+    the memory saved (about 7% of a step at vocabulary 8,000 on a CPU); 0 never chunks; N > 0
+    always, N tokens a chunk."""
     if chunk >= 0:
         return chunk
     return chunk if labels.numel() * vocab >= AUTO_FULL_ELEMENTS else 0
