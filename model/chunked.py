@@ -5,13 +5,13 @@ cross-entropy is its negative; DPO and GRPO sum it per sequence), and kl_beta th
 policy's and the reference's distributions there. Computed from the full logits, that is a
 (tokens, vocabulary) fp32 tensor, its log-softmax and their gradients: at vocabulary 29,298 and
 16k target tokens, 1.9 GB each. Here the head's matmul, the log-softmax and the loss are fused
-per chunk of `chunk` tokens, and backward recomputes each chunk's logits instead of keeping them
-(the approach of fused linear-cross-entropy kernels such as Liger's), so at most one chunk's
-logits exist at a time. Where the head is frozen (SFT, LoRA), each token's gradient with respect
-to its hidden state is made in forward instead, from the logits at hand, and backward only scales
-it: two head matmuls a chunk instead of three. Liger and Cut-Cross-Entropy are Triton kernels for CUDA and give the
-cross-entropy only, not per-token log-probabilities and a KL; this is pure torch, for every
-device and objective.
+per chunk of `chunk` tokens, so at most one chunk's logits exist at a time (the approach of fused
+linear-cross-entropy kernels such as Liger's). The summed cross-entropy (ChunkedNLL) makes its
+gradients in forward, from the logits at hand; the per-token results (ChunkedHead) recompute
+each chunk's logits in backward, except where the head is frozen (SFT, LoRA): then each token's
+gradient with respect to its hidden state is made in forward too, and backward only scales it.
+Liger and Cut-Cross-Entropy are Triton kernels for CUDA and give the cross-entropy only, not
+per-token log-probabilities and a KL; this is pure torch, for every device and objective.
 
 Precision is the head's as it would run under the ambient autocast: the matmuls in autocast's
 dtype where it is on, the softmax and the loss in fp32, as `lm_head(...).float()` then a
