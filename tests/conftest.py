@@ -223,3 +223,19 @@ class StopAt:
     def on_evaluate(self, trainer):
         if self.in_final_saves and trainer.progress.step == trainer.cfg.max_steps:
             trainer.request_stop()
+
+
+def saved_before_templates(model_dir, dest) -> str:
+    """A copy of `model_dir` at `dest` as a model saved before chat templates existed (its
+    tokenizer has none)."""
+    import json
+    import shutil
+    shutil.copytree(model_dir, dest)
+    config_file = os.path.join(dest, "tokenizer_config.json")
+    config = json.load(open(config_file))
+    config.pop("chat_template", None)
+    json.dump(config, open(config_file, "w"))
+    for name in os.listdir(dest):
+        if name.startswith("chat_template"):
+            os.remove(os.path.join(dest, name))
+    return str(dest)

@@ -1,9 +1,7 @@
 """Conversations: rows from a `messages` column, the chat template every HF tool applies, history
 in `chat` and `serve`, and the ONNX export. (Resume and two-process coverage with conversations:
 the `messages` mode of tests/test_trainer.py.)"""
-import json
 import os
-import shutil
 import subprocess
 import sys
 
@@ -12,7 +10,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from conftest import ROOT, as_args, cli, run_cli, tiny_flags, train
+from conftest import ROOT, as_args, cli, run_cli, saved_before_templates, tiny_flags, train
 
 MESSAGE = pa.struct([("role", pa.string()), ("content", pa.string())])
 
@@ -108,15 +106,7 @@ def test_conversations_train_and_the_saved_template_gives_the_training_input(tmp
     from model.infer import ChatBot
     bot = ChatBot(base_model, "cpu")
     assert bot.answer([[user(p)] for p in prompts[:4]]) == bot.answer(prompts[:4])
-    old = tmp_path / "old"
-    shutil.copytree(base_model, old)
-    config = json.load(open(old / "tokenizer_config.json"))
-    config.pop("chat_template", None)
-    json.dump(config, open(old / "tokenizer_config.json", "w"))
-    for name in os.listdir(old):
-        if name.startswith("chat_template"):
-            os.remove(old / name)
-    old_bot = ChatBot(str(old), "cpu")
+    old_bot = ChatBot(saved_before_templates(base_model, tmp_path / "old"), "cpu")
     assert not old_bot.has_template and old_bot.answer(prompts[:4]) == bot.answer(prompts[:4])
 
 

@@ -12,7 +12,7 @@ from concurrent.futures import ThreadPoolExecutor
 import httpx
 import pytest
 
-from conftest import cli
+from conftest import cli, saved_before_templates
 
 PROMPTS = ["把3771写成中文数字。", "把一千零五十写成阿拉伯数字。", "把208写成中文数字。", "把九千九百写成阿拉伯数字。"]
 
@@ -142,15 +142,7 @@ def test_sse_wire_format_ends_with_done(url):
 @pytest.fixture(scope="module")
 def old_model(base_model, tmp_path_factory):
     """The base model as a directory saved before chat templates existed (its tokenizer has none)."""
-    old = tmp_path_factory.mktemp("old") / "model"
-    shutil.copytree(base_model, old)
-    config = json.load(open(old / "tokenizer_config.json"))
-    config.pop("chat_template", None)
-    json.dump(config, open(old / "tokenizer_config.json", "w"))
-    for name in os.listdir(old):
-        if name.startswith("chat_template"):
-            os.remove(old / name)
-    return str(old)
+    return saved_before_templates(base_model, tmp_path_factory.mktemp("old") / "model")
 
 
 def test_a_model_without_a_template_answers_the_last_user_message_and_says_so(old_model, bot):
