@@ -2,6 +2,7 @@
 
     python bench/bench_peers.py                    # tiny preset, real sample data, batch 16, fp32
     python bench/bench_peers.py --steps=400 --max_tokens_per_batch=0
+    python bench/bench_peers.py --sections=micro       # the micro model, eager and compiled
 
 Three runs of the same tiny model (same tokenizer, seed, AdamW, lr, batch 16 rows, fp32) on the
 real sample data (../shared/data/chatlm_sample/my_train_dataset_3k.parquet), each in its own
@@ -14,6 +15,13 @@ process so none inherits another's threads or allocator:
 - floor: the same model's forward, backward and optimizer step on batches with no padding at
   all: the rows sorted by length and each batch's rows cut to its shortest, built in memory
   before the clock starts. No loader can be faster per computed token.
+
+`--repeats=R` runs the throughput and micro sections' runs R times, interleaved (chatlm, hf,
+floor, chatlm, ...), and prints the medians: the machine's speed drifts by tens of percent over
+minutes, and interleaving spreads a slow spell over all three.
+
+`--torch_compile=True` compiles each of the three (chatlm's --torch_compile, HF's
+`torch_compile=True`, torch.compile on the floor's model); the micro section runs both ways.
 
 Printed per run: non-pad tokens per second (prompt and response tokens, [EOS] included), as the
 median over windows of 10 steps after `warmup` steps, and the ratios. Needs transformers'
@@ -110,7 +118,8 @@ def run_chatlm(args: dict) -> dict:
                           output_dir=out, train_state_dir=f"{out}/state", seed=args["seed"], save_steps=10**9,
                           epochs=100, max_tokens_per_batch=args["max_tokens_per_batch"],
                           pad_to_multiple_of=args["pad_to_multiple_of"], attn_implementation=args["attn_implementation"],
-                          loss_chunk_tokens=args["loss_chunk_tokens"], trainable=args["trainable"], **start)
+                          loss_chunk_tokens=args["loss_chunk_tokens"], trainable=args["trainable"],
+                          torch_compile=args["torch_compile"], **start)
         ChatTrainer(cfg, hooks=[clock]).train()
         records = [r for r in read_metrics(out) if "train/tokens_per_s" in r]
     return {"tokens_per_s": float(np.median([r["train/tokens_per_s"] for r in records if r["step"] > args["warmup"]])),
@@ -149,7 +158,8 @@ def run_hf(args: dict) -> dict:
             learning_rate=args["lr"], lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch",
             weight_decay=0.01, train_sampling_strategy="group_by_length", report_to="none", save_strategy="no",
             logging_strategy="no", dataloader_num_workers=0, seed=args["seed"], use_cpu=True,
-            bf16=args["precision"] == "bf16", disable_tqdm=True, remove_unused_columns=False)
+            bf16=args["precision"] == "bf16", disable_tqdm=True, remove_unused_columns=False,
+            torch_compile=args["torch_compile"])
         trainer = Seq2SeqTrainer(model=model, args=training_args, train_dataset=dataset, data_collator=collate,
                                  callbacks=[Clock()])
         trainer.train()
@@ -174,11 +184,12 @@ def run_floor(args: dict) -> dict:
     batches = [batches[i] for i in rng.permutation(len(batches))]
     model = new_model(args, tokenizer).train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=args["lr"], weight_decay=0.01)
+    forward = torch.compile(model) if args["torch_compile"] else model
     tokens, times = [], []
     for step in range(args["steps"]):
         batch = batches[step % len(batches)]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args["precision"] == "bf16"):
-            loss = model(**batch).loss
+            loss = forward(**batch).loss
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -258,7 +269,7 @@ def main(train_file: str = SAMPLE, model_size: str = "tiny", batch_size: int = 1
          tokenizer_dir: str = "/tmp/chatlm_bench_tokenizer", max_tokens_per_batch: int = 0,
          pad_to_multiple_of: int = 1, precision: str = "no", attn_implementation: str = "",
          loss_chunk_tokens: int = -1, model_vocab: int = 0, sections: str = "throughput,micro,memory,syncs",
-         trainable: str = "all", only: str = ""):
+         trainable: str = "all", torch_compile: bool = False, repeats: int = 1, only: str = ""):
     """Print each section's figures, every pair side by side from one invocation."""
     from config import TrainConfig
     args = dict(train_file=train_file, model_size=model_size, batch_size=batch_size, steps=steps, warmup=warmup,
@@ -266,7 +277,7 @@ def main(train_file: str = SAMPLE, model_size: str = "tiny", batch_size: int = 1
                 max_tokens_per_batch=max_tokens_per_batch, pad_to_multiple_of=pad_to_multiple_of,
                 precision=precision, model_vocab=model_vocab,
                 attn_implementation=attn_implementation or TrainConfig.attn_implementation,
-                loss_chunk_tokens=loss_chunk_tokens, trainable=trainable)
+                loss_chunk_tokens=loss_chunk_tokens, trainable=trainable, torch_compile=torch_compile)
     if only:
         print(json.dumps({only: RUNS[only](args)}))
         return
@@ -280,7 +291,8 @@ def main(train_file: str = SAMPLE, model_size: str = "tiny", batch_size: int = 1
         for p in ("no", "bf16"):
             print(f"\n== non-pad tokens/s: {model_size}, batch {batch_size}, {steps} steps ({warmup} not timed), "
                   f"{'fp32' if p == 'no' else p}")
-            got = {name: launch(name, {**args, "precision": p})["tokens_per_s"] for name in ("chatlm", "hf", "floor")}
+            got = interleaved({name: {**args, "precision": p} for name in ("chatlm", "hf", "floor")}, "tokens_per_s",
+                              repeats)
             for name, rate in got.items():
                 print(f"{name:8} {rate:10,.0f}")
             print(f"chatlm / hf: {got['chatlm'] / got['hf']:.2f}x; chatlm / floor: {got['chatlm'] / got['floor']:.2f}x")
@@ -291,14 +303,21 @@ def main(train_file: str = SAMPLE, model_size: str = "tiny", batch_size: int = 1
         # small kernels, and what differs between the runs is the loop around them.
         micro = {**args, "model_size": "micro", "tokenizer_dir": micro_tok, "steps": 300, "warmup": 30,
                  "max_seq_len": 32}
-        print(f"\n== per-step time, micro model (d_model {MICRO.d_model}, 1+1 layers, vocabulary 512, 32 tokens a "
-              f"text), batch {batch_size}, fp32")
-        got = {name: launch(name, micro)["step_ms"] for name in ("chatlm", "hf", "floor")}
-        for name, ms in got.items():
-            print(f"{name:8} {ms:6.2f} ms/step" + (f"  ({ms - got['floor']:+.2f} ms over the floor)"
-                                                   if name != "floor" else "  (the model alone, no loader)"))
-        print(f"chatlm / hf: {got['chatlm'] / got['hf']:.2f}x; the loop's own time, chatlm / hf: "
-              f"{(got['chatlm'] - got['floor']) / max(1e-9, got['hf'] - got['floor']):.2f}x")
+        step_times = {}
+        for compiled in (False, True):
+            how = "each run compiled (inductor; chatlm --torch_compile, HF torch_compile=True)" if compiled \
+                else "eager"
+            print(f"\n== per-step time, micro model (d_model {MICRO.d_model}, 1+1 layers, vocabulary 512, 32 tokens "
+                  f"a text), batch {batch_size}, fp32, {how}")
+            got = interleaved({name: {**micro, "torch_compile": compiled} for name in ("chatlm", "hf", "floor")},
+                              "step_ms", repeats)
+            for name, ms in got.items():
+                print(f"{name:8} {ms:6.2f} ms/step" + (f"  ({ms - got['floor']:+.2f} ms over the floor)"
+                                                       if name != "floor" else "  (the model alone, no loader)"))
+            print(f"chatlm / hf: {got['chatlm'] / got['hf']:.2f}x; the loop's own time, chatlm / hf: "
+                  f"{(got['chatlm'] - got['floor']) / max(1e-9, got['hf'] - got['floor']):.2f}x")
+            step_times[compiled] = got
+        print(f"chatlm compiled / hf eager: {step_times[True]['chatlm'] / step_times[False]['hf']:.2f}x")
     if "memory" in wanted:
         mem = {**args, "batch_size": 32, "max_seq_len": 256, "model_vocab": 29_298, "steps": 30, "warmup": 5}
         print("\n== peak RSS of a run: tiny preset at vocabulary 29,298, batch 32, max_seq_len 256, 30 steps, fp32")
@@ -317,6 +336,20 @@ def tokenizer(train_file: str, path: str, vocab_size: int) -> None:
     if not os.path.isfile(os.path.join(path, "tokenizer.json")):
         from utils.tokenizer import train_tokenizer
         train_tokenizer(train_file, path, vocab_size)
+
+
+def interleaved(runs: dict, figure: str, repeats: int) -> dict:
+    """{name: args} -> {name: the median of `figure` over `repeats` rounds}, each round running every
+    name once, so a slow spell of the machine falls on all of them; with repeats > 1 every value
+    is printed too."""
+    values = {name: [] for name in runs}
+    for _ in range(repeats):
+        for name, args in runs.items():
+            values[name].append(launch(name, args)[figure])
+    if repeats > 1:
+        print("  each round: " + "; ".join(f"{name} " + ", ".join(f"{v:,.2f}" for v in vs)
+                                           for name, vs in values.items()))
+    return {name: float(np.median(vs)) for name, vs in values.items()}
 
 
 def launch(name: str, args: dict) -> dict:

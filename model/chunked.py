@@ -146,6 +146,11 @@ class ChunkedNLL(torch.autograd.Function):
                 (grad_total * grad_w).to(ctx.dtypes[1]) if grad_w is not None else None, None, None, None, None)
 
 
+# Under torch.compile the chunked head runs eagerly between the compiled T5 graphs: its loop runs
+# once per chunk, a count that follows the batch's token count, so dynamo would guard on that count
+# and compile again for each new one. Its work is a few large matmuls a chunk, which gain nothing
+# from fusion.
+@torch.compiler.disable
 def summed_nll(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int = -1) -> torch.Tensor:
     """(B, T, d) hidden states, the (V, d) head and (B, T) labels (-100: padding) -> the sum of
     -log p(label) over the target tokens, through the head in chunks (ChunkedNLL)."""
@@ -180,6 +185,7 @@ def use_chunks(chunk: int, labels: torch.Tensor, vocab: int) -> int:
     return chunk if labels.numel() * vocab >= AUTO_FULL_ELEMENTS else 0
 
 
+@torch.compiler.disable
 def token_logps(hidden: torch.Tensor, weight: torch.Tensor, labels: torch.Tensor, chunk: int = -1,
                 temperature: float = 1.0, reference: tuple | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """(B, T, d) hidden states (after T5's output scaling), the (V, d) head and (B, T) labels

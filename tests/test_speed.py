@@ -104,6 +104,29 @@ def test_torch_compile_trains_and_compiles_a_bounded_number_of_shapes(tmp_path, 
     AutoModelForSeq2SeqLM.from_pretrained(os.path.join(trainer.cfg.output_dir, "final"))  # saved uncompiled
 
 
+@pytest.mark.parametrize("head", ["nll", "logps"])
+def test_the_chunked_head_stays_out_of_compiled_graphs(head):
+    """The chunked head's loop runs once per chunk; traced, each new chunk count would be a new
+    graph. Kept out, batches of six target lengths (1 to 6 chunks) make two graphs (the first
+    shape, then the dynamic one)."""
+    import torch._dynamo
+    from torch._dynamo.utils import counters
+
+    from config import T5ModelConfig
+    from model.chat_model import TextToTextModel, get_t5_config
+    torch._dynamo.reset()
+    counters.clear()
+    torch.manual_seed(0)
+    shape = T5ModelConfig(d_model=32, d_ff=64, num_heads=2, d_kv=16, num_layers=1, num_decoder_layers=1)
+    compiled = torch.compile(TextToTextModel(get_t5_config(shape, 512)), backend="eager")
+    for length in (20, 40, 60, 80, 100, 120):
+        ids, labels = torch.randint(5, 500, (4, 30)), torch.randint(5, 500, (4, length))
+        out = compiled(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels, head=head, chunk=64)
+        (out.summed_nll if head == "nll" else out.token_logps.sum()).backward()
+    assert int(counters["stats"]["unique_graphs"]) == 2
+    torch._dynamo.reset()
+
+
 def test_sdpa_attention_gives_the_eager_loss(data_dir, tokenizer_dir):
     from config import T5ModelConfig
     from model.chat_model import TextToTextModel, get_t5_config
