@@ -107,7 +107,7 @@ def test_torch_compile_trains_and_compiles_a_bounded_number_of_shapes(tmp_path, 
 @pytest.mark.parametrize("head", ["nll", "logps"])
 def test_the_chunked_head_stays_out_of_compiled_graphs(head):
     """The chunked head's loop runs once per chunk; traced, each new chunk count would be a new
-    graph. Kept out, batches of six target lengths (1 to 6 chunks) make two graphs (the first
+    graph. Kept out, batches of six target lengths (2 to 8 chunks) make two graphs (the first
     shape, then the dynamic one)."""
     import torch._dynamo
     from torch._dynamo.utils import counters
