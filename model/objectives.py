@@ -211,7 +211,8 @@ class Seq2Seq:
         # The plain cross-entropy in chunks (ChunkedNLL) takes the full logits' three head matmuls
         # and was as fast or faster at every size measured: -1 chunks it always. With kl_beta,
         # chunks recompute the logits in backward, and -1 keeps small batches' full logits.
-        if self.chunk != 0 if not self.kl_beta else use_chunks(self.chunk, batch["labels"], self.vocab):
+        chunked = use_chunks(self.chunk, batch["labels"], self.vocab) if self.kl_beta else self.chunk != 0
+        if chunked:
             return self.chunked_loss(model, batch, reference)
         out = model(**batch)
         if not self.kl_beta:
