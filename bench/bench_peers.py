@@ -11,10 +11,12 @@ process so none inherits another's threads or allocator:
 - chatlm: `ChatTrainer` itself (the real loop: streaming, length-grouped windows, accumulation 1);
 - hf: transformers' `Seq2SeqTrainer` with `train_sampling_strategy="group_by_length"` (its best
   setting; `group_by_length=True` before transformers 5) and `DataCollatorForSeq2Seq`, the
-  rows tokenized ahead (which only helps it);
-- floor: the same model's forward, backward and optimizer step on batches with no padding at
-  all: the rows sorted by length and each batch's rows cut to its shortest, built in memory
-  before the clock starts. No loader can be faster per computed token.
+  rows tokenized ahead (which only helps it), training transformers' own
+  `T5ForConditionalGeneration` as its users do (the same weights);
+- floor: chatlm's model (which, given labels, builds no key/value cache) alone: its forward,
+  backward and optimizer step on batches with no padding at all: the rows sorted by length and
+  each batch's rows cut to its shortest, built in memory before the clock starts. No loader can
+  be faster per computed token.
 
 `--repeats=R` runs the throughput and micro sections' runs R times, interleaved (chatlm, hf,
 floor, chatlm, ...), and prints the medians: the machine's speed drifts by tens of percent over
@@ -86,13 +88,18 @@ def model_dir(args: dict, tokenizer) -> str:
     return path
 
 
-def new_model(args: dict, tokenizer):
+def new_model(args: dict, tokenizer, stock: bool = False):
+    """The run's model, initialised from the seed; `stock`: as transformers' own
+    T5ForConditionalGeneration (what a Seq2SeqTrainer user trains), the same weights."""
+    from transformers import T5ForConditionalGeneration
+
     from config import T5ModelConfig
     from model.chat_model import TextToTextModel, get_t5_config
     torch.manual_seed(args["seed"])
     shape = MICRO if args["model_size"] == "micro" else T5ModelConfig.preset(args["model_size"])
-    model = TextToTextModel(get_t5_config(shape, max(len(tokenizer), args["model_vocab"])))
-    model.config._attn_implementation = args["attn_implementation"]
+    model = (T5ForConditionalGeneration if stock else TextToTextModel)(
+        get_t5_config(shape, max(len(tokenizer), args["model_vocab"])))
+    model.set_attn_implementation(args["attn_implementation"])  # the blocks' copies of the config too
     return model
 
 
@@ -139,7 +146,7 @@ def run_hf(args: dict) -> dict:
     tokenizer = load_tokenizer(args["tokenizer_dir"])
     src, tgt = rows(args["train_file"], tokenizer, args["max_seq_len"])
     dataset = [{"input_ids": s, "labels": t} for s, t in zip(src, tgt)]
-    model = new_model(args, tokenizer)
+    model = new_model(args, tokenizer, stock=True)
     collator = DataCollatorForSeq2Seq(tokenizer, model=None, padding=True)
     tokens, times = [], []
 

@@ -147,8 +147,9 @@ class Policy:
         else:
             model = TextToTextModel(get_t5_config(T5ModelConfig.preset(cfg.preset), len(tokenizer)))
         model.generation_config = get_generation_config(cfg.max_seq_len)
-        if cfg.attn_implementation != "eager":
-            model.set_attn_implementation(cfg.attn_implementation)
+        # Always set: transformers gives a new or loaded model sdpa wherever torch has it, so a
+        # setting applied only when it differs from "eager" left every run on sdpa.
+        model.set_attn_implementation(cfg.attn_implementation)
         self.t5_config = model.config  # the shape a whole copy is built in (full_model)
         # Before checkpointing and the peft wrap: the copy is the plain model.
         frozen = copy.deepcopy(model).eval().requires_grad_(False) \

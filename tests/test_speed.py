@@ -127,6 +127,12 @@ def test_the_chunked_head_stays_out_of_compiled_graphs(head):
     torch._dynamo.reset()
 
 
+def attention_kernels(model) -> set:
+    """The attention implementations the model's attention modules will call."""
+    from transformers.models.t5.modeling_t5 import T5Attention
+    return {m.config._attn_implementation for m in model.modules() if isinstance(m, T5Attention)}
+
+
 def test_sdpa_attention_gives_the_eager_loss(data_dir, tokenizer_dir):
     from config import T5ModelConfig
     from model.chat_model import TextToTextModel, get_t5_config
@@ -136,7 +142,46 @@ def test_sdpa_attention_gives_the_eager_loss(data_dir, tokenizer_dir):
                                "response": [tok(r)["input_ids"] for r in responses]})
     torch.manual_seed(0)
     model = TextToTextModel(get_t5_config(T5ModelConfig.preset("tiny"), len(tok))).eval()
+    model.set_attn_implementation("eager")  # a new model gets sdpa from transformers
+    assert attention_kernels(model) == {"eager"}
     eager = model(**batch).loss
     model.set_attn_implementation("sdpa")
-    assert model.config._attn_implementation == "sdpa"
+    assert attention_kernels(model) == {"sdpa"}
     assert float(model(**batch).loss) == pytest.approx(float(eager), abs=1e-5)
+
+
+@pytest.mark.parametrize("kernel", ["eager", "sdpa", None])  # None: the default, sdpa
+def test_the_attention_setting_reaches_every_attention_module(tmp_path, data_dir, tokenizer_dir, base_model,
+                                                              kernel):
+    seen = []
+
+    class Look:
+        def on_step_end(self, trainer):
+            seen.append(attention_kernels(trainer.unwrapped()))
+            seen.append(attention_kernels(trainer.policy.reference.model))
+
+    flags = tiny_flags(tmp_path, data_dir, tokenizer_dir, max_steps=1, validation_file="", init_from=base_model,
+                       kl_beta=0.1)
+    train({**flags, "attn_implementation": kernel} if kernel else flags, hooks=[Look()])
+    kernel = kernel or "sdpa"
+    assert seen == [{kernel}, {kernel}]  # the loaded policy's and its frozen reference's
+
+
+def test_scoring_builds_no_key_value_cache(monkeypatch):
+    """Given labels, every head runs the decoder without a cache (a cache serves generation only:
+    building one is host work in every training step); generating still uses one."""
+    from transformers.cache_utils import DynamicCache
+
+    from config import T5ModelConfig
+    from model.chat_model import TextToTextModel, get_t5_config
+    shape = T5ModelConfig(d_model=32, d_ff=64, num_heads=2, d_kv=16, num_layers=1, num_decoder_layers=1)
+    model = TextToTextModel(get_t5_config(shape, 512))
+    ids, labels = torch.randint(5, 500, (2, 6)), torch.randint(5, 500, (2, 5))
+    built = []
+    real = DynamicCache.__init__
+    monkeypatch.setattr(DynamicCache, "__init__", lambda *a, **k: built.append(1) or real(*a, **k))
+    for head in ("logits", "hidden", "nll", "logps"):
+        model(input_ids=ids, attention_mask=torch.ones_like(ids), labels=labels, head=head)
+    assert built == []
+    model.my_generate(ids, torch.ones_like(ids), max_seq_len=3)
+    assert built
