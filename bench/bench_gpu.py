@@ -41,11 +41,10 @@ from model.trainer import ChatTrainer  # noqa: E402
 CONFIGS = {  # name: TrainConfig overrides
     "b16": dict(batch_size_per_gpu=16), "b64": dict(batch_size_per_gpu=64), "b128": dict(batch_size_per_gpu=128),
     "budget": dict(batch_size_per_gpu=64, max_tokens_per_batch=16384),
-    "b64+sdpa": dict(batch_size_per_gpu=64, attn_implementation="sdpa"),
+    "b64+eager": dict(batch_size_per_gpu=64, attn_implementation="eager"),  # sdpa is the default
     "b64+compile": dict(batch_size_per_gpu=64, torch_compile=True),
-    "b64+sdpa+compile": dict(batch_size_per_gpu=64, attn_implementation="sdpa", torch_compile=True),
-    "budget+sdpa+compile": dict(batch_size_per_gpu=64, max_tokens_per_batch=16384, attn_implementation="sdpa",
-                                torch_compile=True),
+    "b64+eager+compile": dict(batch_size_per_gpu=64, attn_implementation="eager", torch_compile=True),
+    "budget+compile": dict(batch_size_per_gpu=64, max_tokens_per_batch=16384, torch_compile=True),
 }
 PEAK_TFLOPS = {"H100": 989.0, "H200": 989.0, "H800": 989.0, "A100": 312.0, "L40S": 362.0, "A10G": 125.0,
                "4090": 165.0}

@@ -19,8 +19,8 @@ process so none inherits another's threads or allocator:
   be faster per computed token.
 
 `--repeats=R` runs the throughput and micro sections' runs R times, interleaved (chatlm, hf,
-floor, chatlm, ...), and prints the medians: the machine's speed drifts by tens of percent over
-minutes, and interleaving spreads a slow spell over all three.
+floor, then floor, hf, chatlm, ...), and prints the medians: the machine's speed drifts by tens
+of percent over minutes, and interleaving spreads a slow spell over all three.
 
 `--torch_compile=True` compiles each of the three (chatlm's --torch_compile, HF's
 `torch_compile=True`, torch.compile on the floor's model); the micro section runs both ways.
@@ -97,8 +97,10 @@ def new_model(args: dict, tokenizer, stock: bool = False):
     from model.chat_model import TextToTextModel, get_t5_config
     torch.manual_seed(args["seed"])
     shape = MICRO if args["model_size"] == "micro" else T5ModelConfig.preset(args["model_size"])
-    model = (T5ForConditionalGeneration if stock else TextToTextModel)(
-        get_t5_config(shape, max(len(tokenizer), args["model_vocab"])))
+    model = TextToTextModel(get_t5_config(shape, max(len(tokenizer), args["model_vocab"])))
+    if stock:  # the same seed initialises the two classes differently: the weights are copied
+        weights, model = model.state_dict(), T5ForConditionalGeneration(model.config)
+        model.load_state_dict(weights)
     model.set_attn_implementation(args["attn_implementation"])  # the blocks' copies of the config too
     return model
 
@@ -347,12 +349,13 @@ def tokenizer(train_file: str, path: str, vocab_size: int) -> None:
 
 def interleaved(runs: dict, figure: str, repeats: int) -> dict:
     """{name: args} -> {name: the median of `figure` over `repeats` rounds}, each round running every
-    name once, so a slow spell of the machine falls on all of them; with repeats > 1 every value
-    is printed too."""
+    name once, so a slow spell of the machine falls on all of them, and every other round in the
+    reverse order (run first in every round, one of two equal runs came out 15-25% slower in 6 of 6
+    rounds, and in none of 4 alternated ones); with repeats > 1 every value is printed too."""
     values = {name: [] for name in runs}
-    for _ in range(repeats):
-        for name, args in runs.items():
-            values[name].append(launch(name, args)[figure])
+    for round_ in range(repeats):
+        for name in list(runs)[::-1 if round_ % 2 else 1]:
+            values[name].append(launch(name, runs[name])[figure])
     if repeats > 1:
         print("  each round: " + "; ".join(f"{name} " + ", ".join(f"{v:,.2f}" for v in vs)
                                            for name, vs in values.items()))
