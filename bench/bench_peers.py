@@ -39,12 +39,14 @@ import time
 import fire
 import numpy as np
 import torch
+from torch.utils._python_dispatch import TorchDispatchMode
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 from config import T5ModelConfig  # noqa: E402
 SAMPLE = os.path.join(ROOT, "..", "shared", "data", "chatlm_sample", "my_train_dataset_3k.parquet")
 WINDOW = 10  # steps per rate sample
+OPS_STEPS = (40, 50)  # the optimizer steps whose operators are counted (a log step's among them)
 # The micro model: so small that its arithmetic is negligible and a step's time is the loop's own.
 MICRO = T5ModelConfig(d_model=32, d_ff=64, num_heads=2, d_kv=16, num_layers=1, num_decoder_layers=1, dropout_rate=0.0)
 
@@ -69,14 +71,52 @@ def rows(train_file, tokenizer, max_seq_len):
     return [src[i].tolist() for i in range(len(src))], [tgt[i].tolist() for i in range(len(tgt))]
 
 
-class Clock:
-    """A ChatTrainer hook: when each optimizer step ended."""
+class OpCount(TorchDispatchMode):
+    """The ATen operators a run dispatches (forward, backward, optimizer, and the loop's own:
+    collation, metrics, clipping) over optimizer steps OPS_STEPS: each is at least one kernel
+    launch on a GPU, where a model this small waits on the host that launches them, so their count
+    per step is the GPU's step time the CPU can show without its noise. `_local_scalar_dense` is
+    a read of a tensor's value on the host (`.item()`, `bool(t)`, ...): a sync on a GPU."""
 
     def __init__(self):
-        self.times = []
+        super().__init__()
+        self.ops, self.host_reads, self.step, self.on = 0, 0, 0, False
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.ops += 1
+        self.host_reads += func is torch.ops.aten._local_scalar_dense.default
+        return func(*args, **(kwargs or {}))
+
+    def step_begins(self):
+        if self.step == OPS_STEPS[0] and not self.on:
+            self.__enter__()
+            self.on = True
+
+    def step_ends(self):
+        self.step += 1
+        if self.on and self.step == OPS_STEPS[1]:
+            self.__exit__(None, None, None)
+            self.on = False
+
+    def figures(self) -> dict:
+        steps = OPS_STEPS[1] - OPS_STEPS[0]
+        return {"ops_per_step": self.ops / steps, "host_reads_per_step": self.host_reads / steps}
+
+
+class Clock:
+    """A ChatTrainer hook: when each optimizer step ended; with `ops`, counts the operators."""
+
+    def __init__(self, ops: OpCount | None = None):
+        self.times, self.ops = [], ops
+
+    def on_batch(self, trainer, batch):
+        if self.ops:
+            self.ops.step_begins()
 
     def on_step_end(self, trainer):
         self.times.append(time.perf_counter())
+        if self.ops:
+            self.ops.step_ends()
 
 
 def model_dir(args: dict, tokenizer) -> str:
@@ -115,7 +155,8 @@ def run_chatlm(args: dict) -> dict:
     from model.trainer import ChatTrainer
     from utils.logging import read_metrics
     from utils.tokenizer import load_tokenizer
-    clock = Clock()
+    ops = OpCount() if args["count_ops"] else None
+    clock = Clock(ops)
     with tempfile.TemporaryDirectory() as out:
         shaped = args["model_size"] == "micro" or args["model_vocab"]
         start = dict(init_from=model_dir(args, load_tokenizer(args["tokenizer_dir"]))) if shaped else \
@@ -132,7 +173,8 @@ def run_chatlm(args: dict) -> dict:
         ChatTrainer(cfg, hooks=[clock]).train()
         records = [r for r in read_metrics(out) if "train/tokens_per_s" in r]
     return {"tokens_per_s": float(np.median([r["train/tokens_per_s"] for r in records if r["step"] > args["warmup"]])),
-            "step_ms": step_ms(clock.times, args["warmup"]), "peak_rss_mib": peak_rss_mib()}
+            "step_ms": step_ms(clock.times, args["warmup"]), "peak_rss_mib": peak_rss_mib(),
+            **(ops.figures() if ops else {})}
 
 
 def step_ms(times: list[float], warmup: int) -> float:
@@ -151,6 +193,7 @@ def run_hf(args: dict) -> dict:
     model = new_model(args, tokenizer, stock=True)
     collator = DataCollatorForSeq2Seq(tokenizer, model=None, padding=True)
     tokens, times = [], []
+    ops = OpCount() if args["count_ops"] else None
 
     def collate(features):
         batch = collator(features)
@@ -158,13 +201,19 @@ def run_hf(args: dict) -> dict:
         return batch
 
     class Clock(TrainerCallback):
+        def on_step_begin(self, *_, **__):
+            if ops:
+                ops.step_begins()
+
         def on_step_end(self, *_, **__):
             times.append(time.perf_counter())
+            if ops:
+                ops.step_ends()
 
     with tempfile.TemporaryDirectory() as out:
         training_args = Seq2SeqTrainingArguments(
             output_dir=out, per_device_train_batch_size=args["batch_size"], max_steps=args["steps"],
-            learning_rate=args["lr"], lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch",
+            learning_rate=args["lr"], lr_scheduler_type="constant", warmup_steps=0, optim="adamw_torch_fused",
             weight_decay=0.01, train_sampling_strategy="group_by_length", report_to="none", save_strategy="no",
             logging_strategy="no", dataloader_num_workers=0, seed=args["seed"], use_cpu=True,
             bf16=args["precision"] == "bf16", disable_tqdm=True, remove_unused_columns=False,
@@ -173,7 +222,7 @@ def run_hf(args: dict) -> dict:
                                  callbacks=[Clock()])
         trainer.train()
     return {"tokens_per_s": window_rates(times, tokens, args["warmup"]), "step_ms": step_ms(times, args["warmup"]),
-            "peak_rss_mib": peak_rss_mib()}
+            "peak_rss_mib": peak_rss_mib(), **(ops.figures() if ops else {})}
 
 
 def run_floor(args: dict) -> dict:
@@ -192,10 +241,13 @@ def run_floor(args: dict) -> dict:
     rng = np.random.default_rng(args["seed"])
     batches = [batches[i] for i in rng.permutation(len(batches))]
     model = new_model(args, tokenizer).train()
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args["lr"], weight_decay=0.01)
+    optimizer = torch.optim.AdamW(model.parameters(), lr=args["lr"], weight_decay=0.01, fused=True)
     forward = torch.compile(model) if args["torch_compile"] else model
     tokens, times = [], []
+    ops = OpCount() if args["count_ops"] else None
     for step in range(args["steps"]):
+        if ops:
+            ops.step_begins()
         batch = batches[step % len(batches)]
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=args["precision"] == "bf16"):
             loss = forward(**batch).loss
@@ -204,8 +256,10 @@ def run_floor(args: dict) -> dict:
         optimizer.zero_grad(set_to_none=True)
         tokens.append(batch["input_ids"].numel() + batch["labels"].numel())
         times.append(time.perf_counter())
+        if ops:
+            ops.step_ends()
     return {"tokens_per_s": window_rates(times, tokens, args["warmup"]), "step_ms": step_ms(times, args["warmup"]),
-            "peak_rss_mib": peak_rss_mib()}
+            "peak_rss_mib": peak_rss_mib(), **(ops.figures() if ops else {})}
 
 
 def run_syncs(args: dict) -> dict:
@@ -277,8 +331,9 @@ def main(train_file: str = SAMPLE, model_size: str = "tiny", batch_size: int = 1
          warmup: int = 20, max_seq_len: int = 256, vocab_size: int = 8000, lr: float = 1e-4, seed: int = 0,
          tokenizer_dir: str = "/tmp/chatlm_bench_tokenizer", max_tokens_per_batch: int = 0,
          pad_to_multiple_of: int = 1, precision: str = "no", attn_implementation: str = "",
-         loss_chunk_tokens: int = -1, model_vocab: int = 0, sections: str = "throughput,micro,memory,syncs",
-         trainable: str = "all", torch_compile: bool = False, repeats: int = 1, only: str = ""):
+         loss_chunk_tokens: int = -1, model_vocab: int = 0, sections: str = "throughput,micro,ops,memory,syncs",
+         trainable: str = "all", torch_compile: bool = False, repeats: int = 1, only: str = "",
+         count_ops: bool = False):
     """Print each section's figures, every pair side by side from one invocation."""
     from config import TrainConfig
     args = dict(train_file=train_file, model_size=model_size, batch_size=batch_size, steps=steps, warmup=warmup,
@@ -286,7 +341,8 @@ def main(train_file: str = SAMPLE, model_size: str = "tiny", batch_size: int = 1
                 max_tokens_per_batch=max_tokens_per_batch, pad_to_multiple_of=pad_to_multiple_of,
                 precision=precision, model_vocab=model_vocab,
                 attn_implementation=attn_implementation or TrainConfig.attn_implementation,
-                loss_chunk_tokens=loss_chunk_tokens, trainable=trainable, torch_compile=torch_compile)
+                loss_chunk_tokens=loss_chunk_tokens, trainable=trainable, torch_compile=torch_compile,
+                count_ops=count_ops)
     if only:
         print(json.dumps({only: RUNS[only](args)}))
         return
@@ -305,13 +361,14 @@ def main(train_file: str = SAMPLE, model_size: str = "tiny", batch_size: int = 1
             for name, rate in got.items():
                 print(f"{name:8} {rate:10,.0f}")
             print(f"chatlm / hf: {got['chatlm'] / got['hf']:.2f}x; chatlm / floor: {got['chatlm'] / got['floor']:.2f}x")
-    if "micro" in wanted:
-        micro_tok = tokenizer_dir.rstrip("/") + "_512"
+    micro_tok = tokenizer_dir.rstrip("/") + "_512"
+    # Prompts and answers cut to 32 tokens: the step's arithmetic is then a few ms of T5's own
+    # small kernels, and what differs between the runs is the loop around them.
+    micro = {**args, "model_size": "micro", "tokenizer_dir": micro_tok, "steps": 300, "warmup": 30,
+             "max_seq_len": 32}
+    if "micro" in wanted or "ops" in wanted:
         tokenizer(train_file, micro_tok, 512)
-        # Prompts and answers cut to 32 tokens: the step's arithmetic is then a few ms of T5's own
-        # small kernels, and what differs between the runs is the loop around them.
-        micro = {**args, "model_size": "micro", "tokenizer_dir": micro_tok, "steps": 300, "warmup": 30,
-                 "max_seq_len": 32}
+    if "micro" in wanted:
         step_times = {}
         for compiled in (False, True):
             how = "each run compiled (inductor; chatlm --torch_compile, HF torch_compile=True)" if compiled \
@@ -327,6 +384,15 @@ def main(train_file: str = SAMPLE, model_size: str = "tiny", batch_size: int = 1
                   f"{(got['chatlm'] - got['floor']) / max(1e-9, got['hf'] - got['floor']):.2f}x")
             step_times[compiled] = got
         print(f"chatlm compiled / hf eager: {step_times[True]['chatlm'] / step_times[False]['hf']:.2f}x")
+    if "ops" in wanted:
+        print(f"\n== ATen operators and host reads per optimizer step (steps {OPS_STEPS[0]} to {OPS_STEPS[1] - 1}, a log "
+              "step among them), eager, fp32: deterministic, unlike the times")
+        for shape, run in (("micro", micro), (model_size, args)):
+            got = {name: launch(name, {**run, "steps": OPS_STEPS[1] + 5, "warmup": 5, "count_ops": True})
+                   for name in ("chatlm", "hf", "floor")}
+            print(f"{shape}: " + "; ".join(f"{name} {r['ops_per_step']:,.1f} ops, {r['host_reads_per_step']:.1f} reads"
+                                           for name, r in got.items())
+                  + f"  (chatlm / hf: {got['chatlm']['ops_per_step'] / got['hf']['ops_per_step']:.2f}x ops)")
     if "memory" in wanted:
         mem = {**args, "batch_size": 32, "max_seq_len": 256, "model_vocab": 29_298, "steps": 30, "warmup": 5}
         print("\n== peak RSS of a run: tiny preset at vocabulary 29,298, batch 32, max_seq_len 256, 30 steps, fp32")

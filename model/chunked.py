@@ -125,16 +125,18 @@ class ChunkedNLL(torch.autograd.Function):
                 hi = min(n, lo + chunk)
                 h = hidden[lo:hi].to(mm)
                 logp = (h @ w.t()).float().log_softmax(-1)
-                rows, m = torch.arange(hi - lo, device=h.device), mask[lo:hi]
-                total -= (logp[rows, labels[lo:hi]] * m).sum()
+                m = mask[lo:hi, None]
+                total -= (logp.gather(1, labels[lo:hi, None]) * m).sum()
                 if need_h or need_w:  # d -log p(label) / d z = p - onehot(label), at the masked tokens
                     g = logp.exp_()
-                    g[rows, labels[lo:hi]] -= 1.0
-                    g = (g * m[:, None]).to(mm)
+                    g.scatter_add_(1, labels[lo:hi, None], -torch.ones_like(m))
+                    g = g.to(mm)
+                    # The mask scales the (tokens, d) side, not the (tokens, vocabulary) one: the
+                    # same products, one pass over the chunk's logits fewer.
                     if need_h:
-                        grad_h[lo:hi] = (g @ w).float()
+                        grad_h[lo:hi] = (g @ w).float() * m
                     if need_w:
-                        grad_w += (g.t() @ h).float()
+                        grad_w += (g.t() @ (h * m.to(mm))).float()
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = hidden.dtype, weight.dtype
         return total
