@@ -4,7 +4,7 @@
     python bench/bench_peers.py --steps=400 --max_tokens_per_batch=0
     python bench/bench_peers.py --sections=micro       # the micro model, eager and compiled
 
-Three runs of the same tiny model (same tokenizer, seed, AdamW, lr, batch 16 rows, fp32) on the
+Three runs of the same tiny model (same tokenizer, seed, fused AdamW, lr, batch 16 rows, fp32) on the
 real sample data (../shared/data/chatlm_sample/my_train_dataset_3k.parquet), each in its own
 process so none inherits another's threads or allocator:
 
@@ -12,7 +12,9 @@ process so none inherits another's threads or allocator:
 - hf: transformers' `Seq2SeqTrainer` with `train_sampling_strategy="group_by_length"` (its best
   setting; `group_by_length=True` before transformers 5) and `DataCollatorForSeq2Seq`, the
   rows tokenized ahead (which only helps it), training transformers' own
-  `T5ForConditionalGeneration` as its users do (the same weights);
+  `T5ForConditionalGeneration` as its users do (the same weights), with its default optimizer
+  (`adamw_torch_fused` since torch 2.8: before commit b0d6e5a this bench gave it the slower
+  per-tensor `adamw_torch`, which flattered chatlm's ratios);
 - floor: chatlm's model (which, given labels, builds no key/value cache) alone: its forward,
   backward and optimizer step on batches with no padding at all: the rows sorted by length and
   each batch's rows cut to its shortest, built in memory before the clock starts. No loader can
@@ -21,6 +23,9 @@ process so none inherits another's threads or allocator:
 `--repeats=R` runs the throughput and micro sections' runs R times, interleaved (chatlm, hf,
 floor, then floor, hf, chatlm, ...), and prints the medians: the machine's speed drifts by tens
 of percent over minutes, and interleaving spreads a slow spell over all three.
+
+The ops section counts, for each of the three, the ATen operators dispatched and the host reads
+of tensor values per optimizer step (OpCount): exact, where the times drift.
 
 `--torch_compile=True` compiles each of the three (chatlm's --torch_compile, HF's
 `torch_compile=True`, torch.compile on the floor's model); the micro section runs both ways.

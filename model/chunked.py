@@ -117,26 +117,32 @@ class ChunkedNLL(torch.autograd.Function):
         n = hidden.shape[0]
         mm = dtype or torch.promote_types(hidden.dtype, weight.dtype)
         w = weight.to(mm)
-        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        wt, h_all, labels, m = w.t(), hidden.to(mm), labels[:, None], mask[:, None]
+        # Each operator is a kernel launch on a GPU, where a small model waits on the host: what
+        # can be done once for the batch (the mask, the label picks' sum, the -1 at each label) is
+        # not done a chunk at a time. The mask scales the (tokens, d) side, never a chunk's
+        # (tokens, vocabulary) logits: the same products, one pass over them fewer.
+        picked = torch.empty(n, 1, dtype=torch.float32, device=hidden.device)
         grad_h = torch.empty(hidden.shape, dtype=torch.float32, device=hidden.device) if need_h else None
         grad_w = torch.zeros(weight.shape, dtype=torch.float32, device=weight.device) if need_w else None
         with torch.no_grad():
+            hm = h_all * m.to(mm) if need_w else None
+            minus_one = torch.full((min(n, chunk), 1), -1.0, device=hidden.device)
             for lo in range(0, n, chunk):
                 hi = min(n, lo + chunk)
-                h = hidden[lo:hi].to(mm)
-                logp = (h @ w.t()).float().log_softmax(-1)
-                m = mask[lo:hi, None]
-                total -= (logp.gather(1, labels[lo:hi, None]) * m).sum()
-                if need_h or need_w:  # d -log p(label) / d z = p - onehot(label), at the masked tokens
-                    g = logp.exp_()
-                    g.scatter_add_(1, labels[lo:hi, None], -torch.ones_like(m))
+                lab = labels[lo:hi]
+                logp = (h_all[lo:hi] @ wt).float().log_softmax(-1)
+                torch.gather(logp, 1, lab, out=picked[lo:hi])
+                if need_h or need_w:  # d -log p(label) / d z = p - onehot(label)
+                    g = logp.exp_().scatter_add_(1, lab, minus_one if hi - lo == chunk else minus_one[:hi - lo])
                     g = g.to(mm)
-                    # The mask scales the (tokens, d) side, not the (tokens, vocabulary) one: the
-                    # same products, one pass over the chunk's logits fewer.
                     if need_h:
-                        grad_h[lo:hi] = (g @ w).float() * m
+                        grad_h[lo:hi] = g @ w
                     if need_w:
-                        grad_w += (g.t() @ (h * m.to(mm))).float()
+                        grad_w += (g.t() @ hm[lo:hi]).float()
+            total = -(picked * m).sum()
+            if need_h:
+                grad_h *= m
         ctx.save_for_backward(grad_h, grad_w)
         ctx.dtypes = hidden.dtype, weight.dtype
         return total

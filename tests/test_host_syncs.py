@@ -93,3 +93,45 @@ def test_a_non_finite_gradient_is_skipped_counted_and_reported_without_a_sync(tm
     assert "train/skipped_updates" not in logged.get(2, {}) and logged[4]["train/skipped_updates"] == 1
     with open(f"{flags['output_dir']}/train.log", encoding="utf-8") as f:
         assert "warning: step 3: gradient norm nan, update skipped" in f.read()
+
+
+def test_the_finite_check_launches_three_operators_a_step_and_counts_on_the_host():
+    """A step's finite check is three operators (each a kernel launch on a GPU; counting on the
+    device took 35): the norm is kept as it is and read with the others at a log step, where the
+    counts are made. They come out as a step-by-step count would, also after the kept norms were
+    stacked into one tensor (a run that seldom logs)."""
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from model.policy import NonFiniteSteps
+
+    class Operators(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.count = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            self.count += 1
+            return func(*args, **(kwargs or {}))
+
+    inf, nan = float("inf"), float("nan")
+    norms = [1.0, inf, 2.0, nan, inf, inf, 0.5, nan, 3.0]
+    for keep in (1024, 2):
+        steps = NonFiniteSteps("cpu", limit=3)
+        steps.KEEP = keep
+        seen, skipped = [], []
+        for step, norm in enumerate(norms):
+            grad_norm = torch.tensor(norm)
+            with Operators() as ops, HostSyncs() as syncs:
+                found_inf = steps.record(grad_norm, step)
+            assert syncs.count == 0
+            assert ops.count == 3 or keep == 2
+            skipped.append(float(found_inf))
+            if step in (2, 8):
+                seen.append(steps.take())
+        assert skipped == [0.0, 1.0, 0.0, 1.0, 1.0, 1.0, 0.0, 1.0, 0.0]
+        assert seen[0] == {"in_a_row": 0, "limit_reached_at": 0, "finite_before": True, "skipped": 1, "last": 2,
+                           "norm": inf}
+        # steps 4-6 (1-based) are a row of 3: the limit is reached at step 6, with no finite step between
+        norm = seen[1].pop("norm")
+        assert seen[1] == {"in_a_row": 0, "limit_reached_at": 6, "finite_before": False, "skipped": 4, "last": 8}
+        assert norm != norm  # step 8's, NaN
