@@ -80,7 +80,7 @@ class UpdateState:
     """What the optimizer step keeps between micro-batches and steps."""
     schedule: object  # step -> multiplier of learn_rate
     unit_scale: float  # the fixed scale of a micro-batch's weight: about one micro-batch's loss units
-    nonfinite: NonFiniteSteps  # the non-finite steps, counted on the device
+    nonfinite: NonFiniteSteps  # the non-finite steps, counted at log steps without a sync between
     params: list  # what the optimizer updates (the same tensors for the run)
     last_lr: float = 0.0
     grad_norm: torch.Tensor | None = None
