@@ -141,18 +141,8 @@ def test_each_chunk_of_the_cross_entropy_launches_few_operators():
     """Each operator is a kernel launch on a GPU, where a small model waits on the host: a chunk
     of the cross-entropy (forward and backward) takes 15 (26 when the mask, the label picks' sum
     and the -1 at each label were made a chunk at a time)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from model.chunked import summed_nll
-
-    class Operators(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.count = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.count += 1
-            return func(*args, **(kwargs or {}))
+    from utils.syncs import Operators
 
     hidden, head = torch.randn(4, 16, 8, requires_grad=True), torch.randn(32, 8, requires_grad=True)
     labels = torch.randint(0, 32, (4, 16))

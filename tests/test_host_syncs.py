@@ -100,18 +100,8 @@ def test_the_finite_check_launches_three_operators_a_step_and_counts_on_the_host
     device took 35): the norm is kept as it is and read with the others at a log step, where the
     counts are made. They come out as a step-by-step count would, also after the kept norms were
     stacked into one tensor (a run that seldom logs)."""
-    from torch.utils._python_dispatch import TorchDispatchMode
-
     from model.policy import NonFiniteSteps
-
-    class Operators(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.count = 0
-
-        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
-            self.count += 1
-            return func(*args, **(kwargs or {}))
+    from utils.syncs import Operators
 
     inf, nan = float("inf"), float("nan")
     norms = [1.0, inf, 2.0, nan, inf, inf, 0.5, nan, 3.0]

@@ -12,6 +12,7 @@ import traceback
 
 import torch
 from torch.overrides import TorchFunctionMode
+from torch.utils._python_dispatch import TorchDispatchMode
 
 READS = frozenset({"item", "tolist", "__bool__", "__float__", "__int__", "__index__", "__complex__", "cpu",
                    "numpy"})
@@ -59,3 +60,16 @@ class HostSyncs(TorchFunctionMode):
         """The count since the last take, and start again."""
         count, self.count = self.count, 0
         return count
+
+
+class Operators(TorchDispatchMode):
+    """`with Operators() as ops:` counts the ATen operators dispatched inside (`ops.count`): each
+    is at least one kernel launch on a GPU, where a small model waits on the host that launches them."""
+
+    def __init__(self):
+        super().__init__()
+        self.count = 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        self.count += 1
+        return func(*args, **(kwargs or {}))
