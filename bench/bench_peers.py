@@ -20,9 +20,18 @@ process so none inherits another's threads or allocator:
   each batch's rows cut to its shortest, built in memory before the clock starts. No loader can
   be faster per computed token.
 
-`--repeats=R` runs the throughput and micro sections' runs R times, interleaved (chatlm, hf,
-floor, then floor, hf, chatlm, ...), and prints the medians: the machine's speed drifts by tens
-of percent over minutes, and interleaving spreads a slow spell over all three.
+`--repeats=R` runs the throughput section's runs R times, interleaved (chatlm, hf, floor, then
+floor, hf, chatlm, ...), and prints the medians: the machine's speed drifts by tens of percent
+over minutes, and interleaving spreads a slow spell over all three. The micro section's steps are
+a few milliseconds, and the speed drifts within a run too (a run's own steps went from 8 to 13
+ms and back within seconds), so there the three run in lockstep in one process (Baton: chatlm's
+step, HF's, the floor's, chatlm's, ...) and its ratios are medians of step-by-step ratios; R such
+rounds. Run in separate processes, as before, the micro ratio chatlm / hf moved from 0.75x
+to 0.96x between runs an hour apart.
+
+The update section times the optimizer update alone on the micro and the tiny model's
+gradients: scaling and clipping them in passes of their own, then fused AdamW, against fused
+AdamW dividing each by the one factor as it reads it (`grad_scale`), as the loop does.
 
 The ops section counts, for each of the three, the ATen operators dispatched and the host reads
 of tensor values per optimizer step (OpCount): exact, where the times drift.
@@ -39,6 +48,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import fire
@@ -108,11 +118,46 @@ class OpCount(TorchDispatchMode):
         return {"ops_per_step": self.ops / steps, "host_reads_per_step": self.host_reads / steps}
 
 
-class Clock:
-    """A ChatTrainer hook: when each optimizer step ended; with `ops`, counts the operators."""
+class Baton:
+    """Runs that take turns a step at a time, each in its own thread of one process: a run's step
+    is timed from when it gets the turn to the end of its step, then it hands the turn on and waits.
+    The machine's speed drifts in phases of a second or more (a run's own steps went from 8 to 13 ms
+    and back), far shorter than a process's start-up, so runs in separate processes never share a
+    phase; runs in lockstep share every one. Only the turn's holder runs (the others wait on an
+    event, off the GIL)."""
 
-    def __init__(self, ops: OpCount | None = None):
-        self.times, self.ops = [], ops
+    def __init__(self, names: list[str]):
+        self.names, self.turn = list(names), {n: threading.Event() for n in names}
+        self.done, self.began, self.steps = set(), {}, {n: [] for n in names}
+
+    def take(self, name: str):
+        self.turn[name].wait()
+        self.turn[name].clear()
+        self.began[name] = time.perf_counter()
+
+    def step_ended(self, name: str):
+        self.steps[name].append(time.perf_counter() - self.began[name])
+        self.pass_on(name)
+        self.take(name)
+
+    def pass_on(self, name: str):
+        i = self.names.index(name)
+        for other in self.names[i + 1:] + self.names[:i + 1]:
+            if other not in self.done:
+                self.turn[other].set()
+                return
+
+    def finish(self, name: str):
+        self.done.add(name)
+        self.pass_on(name)
+
+
+class Clock:
+    """A ChatTrainer hook: when each optimizer step ended; with `ops`, counts the operators; with
+    `baton`, hands the turn on."""
+
+    def __init__(self, ops: OpCount | None = None, baton: Baton | None = None):
+        self.times, self.ops, self.baton = [], ops, baton
 
     def on_batch(self, trainer, batch):
         if self.ops:
@@ -122,6 +167,8 @@ class Clock:
         self.times.append(time.perf_counter())
         if self.ops:
             self.ops.step_ends()
+        if self.baton:
+            self.baton.step_ended("chatlm")
 
 
 def model_dir(args: dict, tokenizer) -> str:
@@ -155,13 +202,13 @@ def peak_rss_mib() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def run_chatlm(args: dict) -> dict:
+def run_chatlm(args: dict, baton: Baton | None = None) -> dict:
     from config import load_config
     from model.trainer import ChatTrainer
     from utils.logging import read_metrics
     from utils.tokenizer import load_tokenizer
     ops = OpCount() if args["count_ops"] else None
-    clock = Clock(ops)
+    clock = Clock(ops, baton)
     with tempfile.TemporaryDirectory() as out:
         shaped = args["model_size"] == "micro" or args["model_vocab"]
         start = dict(init_from=model_dir(args, load_tokenizer(args["tokenizer_dir"]))) if shaped else \
@@ -188,7 +235,7 @@ def step_ms(times: list[float], warmup: int) -> float:
     return 1000 * float(np.median(windows))
 
 
-def run_hf(args: dict) -> dict:
+def run_hf(args: dict, baton: Baton | None = None) -> dict:
     from transformers import DataCollatorForSeq2Seq, Seq2SeqTrainer, Seq2SeqTrainingArguments, TrainerCallback
 
     from utils.tokenizer import load_tokenizer
@@ -214,6 +261,8 @@ def run_hf(args: dict) -> dict:
             times.append(time.perf_counter())
             if ops:
                 ops.step_ends()
+            if baton:
+                baton.step_ended("hf")
 
     with tempfile.TemporaryDirectory() as out:
         training_args = Seq2SeqTrainingArguments(
@@ -230,7 +279,7 @@ def run_hf(args: dict) -> dict:
             "peak_rss_mib": peak_rss_mib(), **(ops.figures() if ops else {})}
 
 
-def run_floor(args: dict) -> dict:
+def run_floor(args: dict, baton: Baton | None = None) -> dict:
     from utils.tokenizer import load_tokenizer
     tokenizer = load_tokenizer(args["tokenizer_dir"])
     src, tgt = rows(args["train_file"], tokenizer, args["max_seq_len"])
@@ -263,6 +312,8 @@ def run_floor(args: dict) -> dict:
         times.append(time.perf_counter())
         if ops:
             ops.step_ends()
+        if baton:
+            baton.step_ended("floor")
     return {"tokens_per_s": window_rates(times, tokens, args["warmup"]), "step_ms": step_ms(times, args["warmup"]),
             "peak_rss_mib": peak_rss_mib(), **(ops.figures() if ops else {})}
 
@@ -329,14 +380,89 @@ def run_syncs(args: dict) -> dict:
     return figures
 
 
-RUNS = {"chatlm": run_chatlm, "hf": run_hf, "floor": run_floor, "syncs": run_syncs}
+def run_update(args: dict) -> dict:
+    """The optimizer update of a step on the model's gradients, timed both ways in turn, 2,000
+    times each (median ms): the units' scale and the clipping as passes over the gradients, then
+    fused AdamW (the loop before model/policy.py's step_divisor, and still with Adafactor or fp16),
+    against the loop's now: the one factor as fused AdamW's `grad_scale`."""
+    from model.engine import grad_norm
+    from model.policy import NonFiniteSteps, step_divisor
+    from utils.tokenizer import load_tokenizer
+    torch.set_num_threads(1)
+    model = new_model(args, load_tokenizer(args["tokenizer_dir"]))
+    params = [p for p in model.parameters() if p.requires_grad]
+    adam = torch.optim.AdamW(params, lr=args["lr"], weight_decay=0.01, fused=True)
+    checks, scale, max_norm = NonFiniteSteps("cpu", 10), 0.01, 1.0
+
+    def passes():
+        torch._foreach_mul_([p.grad for p in params], scale)
+        norm = torch.nn.utils.clip_grad_norm_(params, max_norm)
+        adam.found_inf = checks.record(norm, 0).float()
+        adam.step()
+
+    def folded():
+        norm = grad_norm(params) * scale
+        adam.grad_scale = step_divisor(norm, max_norm, scale)
+        adam.found_inf = checks.record(norm, 0).float()
+        adam.step()
+        del adam.grad_scale
+
+    times = {"passes": [], "folded": []}
+    for i in range(2100):
+        for name, update in (("passes", passes), ("folded", folded))[::-1 if i % 2 else 1]:
+            for p in params:
+                p.grad = torch.ones_like(p)
+            start = time.perf_counter()
+            update()
+            adam.zero_grad(set_to_none=True)
+            times[name].append(time.perf_counter() - start)
+            checks.norms.clear()
+            checks.steps.clear()
+    return {name: 1000 * float(np.median(ts[100:])) for name, ts in times.items()}
+
+
+def run_lockstep(args: dict) -> dict:
+    """chatlm, HF and the floor a step each in turn (Baton): {name: median ms of its steps after
+    warmup, "chatlm / hf" and "floor / hf": the median of the ratios of steps taken one after the
+    other}. chatlm runs on the main thread, where its signal handlers can be installed. One torch
+    thread: the micro model's arithmetic is negligible, and at each hand-off a pool of threads
+    would spin or sleep (with two, every run's steps took 30-50% longer, and varied more)."""
+    torch.set_num_threads(1)
+    names = ["chatlm", "hf", "floor"]
+    baton, errors = Baton(names), []
+
+    def run(name):
+        try:
+            baton.take(name)
+            RUNS[name](args, baton)
+        except BaseException as e:  # reported below; the others must still get their turns
+            errors.append(f"{name}: {e!r}")
+        finally:
+            baton.finish(name)
+
+    threads = [threading.Thread(target=run, args=(n,), daemon=True) for n in names[1:]]
+    for t in threads:
+        t.start()
+    baton.turn["chatlm"].set()
+    run("chatlm")
+    for t in threads:
+        t.join()
+    if errors:
+        raise RuntimeError("; ".join(errors))
+    steps = {n: np.array(baton.steps[n][args["warmup"]:args["steps"]]) for n in names}
+    return {**{n: 1000 * float(np.median(v)) for n, v in steps.items()},
+            **{f"{n} / hf": float(np.median(v / steps["hf"])) for n, v in steps.items() if n != "hf"}}
+
+
+RUNS = {"chatlm": run_chatlm, "hf": run_hf, "floor": run_floor, "syncs": run_syncs, "lockstep": run_lockstep,
+        "update": run_update}
 
 
 def main(train_file: str = SAMPLE, model_size: str = "tiny", batch_size: int = 16, steps: int = 200,
          warmup: int = 20, max_seq_len: int = 256, vocab_size: int = 8000, lr: float = 1e-4, seed: int = 0,
          tokenizer_dir: str = "/tmp/chatlm_bench_tokenizer", max_tokens_per_batch: int = 0,
          pad_to_multiple_of: int = 1, precision: str = "no", attn_implementation: str = "",
-         loss_chunk_tokens: int = -1, model_vocab: int = 0, sections: str = "throughput,micro,ops,memory,syncs",
+         loss_chunk_tokens: int = -1, model_vocab: int = 0, sections: str = "throughput,micro,ops,update,memory,syncs",
          trainable: str = "all", torch_compile: bool = False, repeats: int = 1, only: str = "",
          count_ops: bool = False):
     """Print each section's figures, every pair side by side from one invocation."""
@@ -371,7 +497,7 @@ def main(train_file: str = SAMPLE, model_size: str = "tiny", batch_size: int = 1
     # small kernels, and what differs between the runs is the loop around them.
     micro = {**args, "model_size": "micro", "tokenizer_dir": micro_tok, "steps": 300, "warmup": 30,
              "max_seq_len": 32}
-    if "micro" in wanted or "ops" in wanted:
+    if "micro" in wanted or "ops" in wanted or "update" in wanted:
         tokenizer(train_file, micro_tok, 512)
     if "micro" in wanted:
         step_times = {}
@@ -379,16 +505,20 @@ def main(train_file: str = SAMPLE, model_size: str = "tiny", batch_size: int = 1
             how = "each run compiled (inductor; chatlm --torch_compile, HF torch_compile=True)" if compiled \
                 else "eager"
             print(f"\n== per-step time, micro model (d_model {MICRO.d_model}, 1+1 layers, vocabulary 512, 32 tokens "
-                  f"a text), batch {batch_size}, fp32, {how}")
-            got = interleaved({name: {**micro, "torch_compile": compiled} for name in ("chatlm", "hf", "floor")},
-                              "step_ms", repeats)
-            for name, ms in got.items():
-                print(f"{name:8} {ms:6.2f} ms/step" + (f"  ({ms - got['floor']:+.2f} ms over the floor)"
-                                                       if name != "floor" else "  (the model alone, no loader)"))
-            print(f"chatlm / hf: {got['chatlm'] / got['hf']:.2f}x; the loop's own time, chatlm / hf: "
+                  f"a text), batch {batch_size}, fp32, {how}, the three in lockstep, {repeats} round(s)")
+            rounds = [launch("lockstep", {**micro, "torch_compile": compiled}) for _ in range(repeats)]
+            got = {k: float(np.median([r[k] for r in rounds])) for k in rounds[0]}
+            if repeats > 1:
+                print("  each round: " + "; ".join(f"{k} " + ", ".join(f"{r[k]:.2f}" for r in rounds) for k in got))
+            for name in ("chatlm", "hf", "floor"):
+                print(f"{name:8} {got[name]:6.2f} ms/step" + (f"  ({got[name] - got['floor']:+.2f} ms over the floor)"
+                                                             if name != "floor" else "  (the model alone, no loader)"))
+            print(f"chatlm / hf: {got['chatlm / hf']:.2f}x, floor / hf: {got['floor / hf']:.2f}x (medians of the "
+                  f"step-by-step ratios); the loop's own time, chatlm / hf: "
                   f"{(got['chatlm'] - got['floor']) / max(1e-9, got['hf'] - got['floor']):.2f}x")
             step_times[compiled] = got
-        print(f"chatlm compiled / hf eager: {step_times[True]['chatlm'] / step_times[False]['hf']:.2f}x")
+        print(f"chatlm compiled / hf eager: {step_times[True]['chatlm'] / step_times[False]['hf']:.2f}x "
+              "(medians of separate rounds)")
     if "ops" in wanted:
         print(f"\n== ATen operators and host reads per optimizer step (steps {OPS_STEPS[0]} to {OPS_STEPS[1] - 1}, a log "
               "step among them), eager, fp32: deterministic, unlike the times")
@@ -398,6 +528,12 @@ def main(train_file: str = SAMPLE, model_size: str = "tiny", batch_size: int = 1
             print(f"{shape}: " + "; ".join(f"{name} {r['ops_per_step']:,.1f} ops, {r['host_reads_per_step']:.1f} reads"
                                            for name, r in got.items())
                   + f"  (chatlm / hf: {got['chatlm']['ops_per_step'] / got['hf']['ops_per_step']:.2f}x ops)")
+    if "update" in wanted:
+        print("\n== the optimizer update alone (fused AdamW, clipping at 1.0, one torch thread), ms: passes over the "
+              "gradients for the units' scale and the clipping, then the step / the one factor as the step's grad_scale")
+        for shape, run in (("micro", micro), (model_size, args)):
+            got = launch("update", run)
+            print(f"{shape}: {got['passes']:.3f} / {got['folded']:.3f} ({got['folded'] / got['passes']:.2f}x)")
     if "memory" in wanted:
         mem = {**args, "batch_size": 32, "max_seq_len": 256, "model_vocab": 29_298, "steps": 30, "warmup": 5}
         print("\n== peak RSS of a run: tiny preset at vocabulary 29,298, batch 32, max_seq_len 256, 30 steps, fp32")

@@ -35,6 +35,14 @@ from transformers.models.t5.modeling_t5 import T5Block
 FSDP_MODES = ("", "full", "grad_op")
 
 
+def grad_norm(params: list) -> torch.Tensor:
+    """The norm of the gradients of `params` as clipping measures it, over all processes under
+    either engine (DDP's are already averaged; FSDP2's shards are DTensors, their norm made whole),
+    the gradients left as they are."""
+    norm = torch.nn.utils.get_total_norm([p.grad for p in params if p.grad is not None])
+    return norm.full_tensor() if hasattr(norm, "full_tensor") else norm
+
+
 def tied_names(model: torch.nn.Module) -> list[list[str]]:
     """Groups of state-dict names that are one tensor (T5's shared embedding, the encoder's and
     decoder's embed_tokens, and the head), each sorted: a weights file keeps the first name of

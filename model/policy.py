@@ -286,6 +286,18 @@ def skips_on_device(optimizer) -> bool:
     return isinstance(inner, torch.optim.AdamW) and bool(inner.defaults.get("fused"))
 
 
+def step_divisor(norm: torch.Tensor, max_norm: float, scale: float) -> torch.Tensor:
+    """What fused AdamW divides each gradient by (its `grad_scale`) to take the step that
+    multiplying the gradients by `scale` and then clipping them to `max_norm` (0: no clipping)
+    would; `norm` is the scaled gradients' norm. torch's clip_grad_norm_ multiplies by
+    min(1, max_norm / (norm + 1e-6)): this is that factor times `scale`, inverted,
+    max(norm + 1e-6, max_norm) / (max_norm * scale) (three operators). A float32 device scalar
+    (NaN with clipping where the norm is not; the step is skipped by `found_inf` anyway)."""
+    if not max_norm:
+        return torch.full((), 1.0 / scale, dtype=torch.float32, device=norm.device)
+    return (norm.float() + 1e-6).clamp_(min=max_norm).div_(max_norm * scale)
+
+
 class NonFiniteSteps:
     """Which optimizer steps had a non-finite gradient norm, counted without a host read.
 

@@ -23,9 +23,9 @@ from tqdm.auto import tqdm
 import model.checkpoint as ckpt
 from config import TrainConfig
 from model.dataset import get_stream, get_tokenizer, get_train_loader, prefetch
-from model.engine import get_engine
+from model.engine import get_engine, grad_norm
 from model.evaluation import Evaluator, compiled_graphs
-from model.policy import NonFiniteSteps, Policy, get_lr_lambda, get_optimizer, skips_on_device
+from model.policy import NonFiniteSteps, Policy, get_lr_lambda, get_optimizer, skips_on_device, step_divisor
 from model.preflight import check_accelerator, check_engine_environment, estimate_budget_steps, preflight
 from model.run import Meters, Run, StopRequest, TrainingProgress, get_accelerator
 from utils.errors import QuietUserError, UserError
@@ -320,19 +320,27 @@ class ChatTrainer:
             group["lr"] = u.last_lr
         scale, u.units = u.unit_scale / max(1, u.units), 0
         params = u.params
-        if scale != 1.0:
-            torch._foreach_mul_([p.grad for p in params if p.grad is not None], scale)
-        u.grad_norm = self.policy.clip_grad_norm(params, cfg.max_grad_norm or float("inf"))
         # Past the grad scaler, Accelerate's optimizer wrapper only calls the optimizer here (its
         # XLA branch aside), but first looks for the lomo_optim package on sys.path, twice a
         # step (a tenth of a millisecond on a CPU): the optimizer itself is called instead.
         inner = self.optimizer.optimizer
+        if skips_on_device(self.optimizer) and acc.mixed_precision != "fp16":
+            # The units' scale and the clipping are one factor, which fused AdamW applies to each
+            # gradient as it reads it (`grad_scale`, which it divides by): no pass over the
+            # gradients of their own (two multi-tensor kernels a step, each reading and writing
+            # every gradient), the same step as scaling, clipping and stepping.
+            u.grad_norm = grad_norm(params) * scale
+            inner.grad_scale = step_divisor(u.grad_norm, cfg.max_grad_norm, scale)
+            inner.found_inf = u.nonfinite.record(u.grad_norm, step).float()
+            inner.step()
+            inner.zero_grad(set_to_none=True)
+            return
+        if scale != 1.0:
+            torch._foreach_mul_([p.grad for p in params if p.grad is not None], scale)
+        u.grad_norm = self.policy.clip_grad_norm(params, cfg.max_grad_norm or float("inf"))
         if acc.mixed_precision == "fp16":  # the grad scaler skips overflowing steps itself
             self.optimizer.step()
             self.store.confirm()
-        elif skips_on_device(self.optimizer):
-            inner.found_inf = u.nonfinite.record(u.grad_norm, step).float()
-            inner.step()
         else:  # Adafactor takes no found_inf: the host asks, once a step
             if not u.nonfinite.record(u.grad_norm, step).item():
                 inner.step()

@@ -185,3 +185,70 @@ def test_scoring_builds_no_key_value_cache(monkeypatch):
     assert built == []
     model.my_generate(ids, torch.ones_like(ids), max_seq_len=3)
     assert built
+
+
+@pytest.mark.parametrize("max_norm", [0.5, 1e3, 0.0])  # clipping at work, a norm under the limit, none
+def test_the_units_scale_and_clipping_are_fused_adamws_own_division(max_norm):
+    """Fused AdamW divides each gradient by `step_divisor` as it reads it: the same step as
+    multiplying the gradients by the units' scale, clipping them and stepping (three passes over
+    the gradients made two); a non-finite norm skips the step."""
+    from model.policy import step_divisor
+    torch.manual_seed(0)
+    shapes = [(40, 8), (8,), (3, 5, 2)]
+    start = [torch.randn(s) for s in shapes]
+    grads = [[torch.randn(s) * 3 for s in shapes] for _ in range(3)]
+    grads[2][1][0] = float("nan")
+    old = [p.clone().requires_grad_() for p in start]
+    new = [p.clone().requires_grad_() for p in start]
+    adam_old, adam_new = (torch.optim.AdamW(ps, lr=0.1, weight_decay=0.01, fused=True) for ps in (old, new))
+    scale = 0.37
+    for step in range(3):
+        for p, g in zip(old, grads[step]):
+            p.grad = g.clone()
+        torch._foreach_mul_([p.grad for p in old], scale)
+        norm_old = torch.nn.utils.clip_grad_norm_(old, max_norm or float("inf"))
+        adam_old.found_inf = norm_old.mul(0).ne(0).float()
+        adam_old.step()
+        for p, g in zip(new, grads[step]):
+            p.grad = g.clone()
+        norm = torch.nn.utils.get_total_norm([p.grad for p in new]) * scale
+        adam_new.grad_scale = step_divisor(norm, max_norm, scale)
+        adam_new.found_inf = norm.mul(0).ne(0).float()
+        adam_new.step()
+        if step < 2:
+            assert float(norm) == pytest.approx(float(norm_old), rel=1e-6)
+        else:
+            assert norm.isnan() and (adam_new.grad_scale.isnan() or not max_norm)
+        for a, b in zip(old, new):
+            torch.testing.assert_close(b, a, rtol=1e-6, atol=1e-7)
+    assert {float(adam_new.state[p]["step"]) for p in new} == {2.0}  # the NaN step was skipped
+
+
+def test_an_optimizer_step_makes_no_pass_over_the_gradients_of_its_own(tmp_path, data_dir, tokenizer_dir):
+    """Between backward and the step's end, the loop scales and clips the gradients through fused
+    AdamW's `grad_scale`: no multi-tensor multiply of its own (on a GPU each reads and writes every
+    gradient). The step still clips: the logged norm is over the limit and the weights moved no
+    more than lr allows."""
+    from utils.syncs import Operators
+
+    class Count:
+        def __init__(self):
+            self.ops, self.names = None, []
+
+        def on_backward(self, trainer):
+            self.ops = Operators().__enter__()
+
+        def on_update(self, trainer):
+            self.ops.__exit__(None, None, None)
+            self.names.append(self.ops.names)
+
+    count = Count()
+    flags = tiny_flags(tmp_path, data_dir, tokenizer_dir, max_steps=3, logging_steps=1, eval_steps=0,
+                       validation_file="", max_grad_norm=1e-3)
+    train(flags, hooks=[count])
+    assert len(count.names) == 3
+    for names in count.names:
+        assert names["_fused_adamw_"]  # one a parameter group
+        assert not {n for n in names if n.startswith("_foreach_mul")}, names
+    logged = [r["train/grad_norm"] for r in read_metrics(flags["output_dir"]) if "train/grad_norm" in r]
+    assert logged and min(logged) > 1e-3  # the limit was at work on every step

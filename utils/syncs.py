@@ -63,13 +63,15 @@ class HostSyncs(TorchFunctionMode):
 
 
 class Operators(TorchDispatchMode):
-    """`with Operators() as ops:` counts the ATen operators dispatched inside (`ops.count`): each
-    is at least one kernel launch on a GPU, where a small model waits on the host that launches them."""
+    """`with Operators() as ops:` counts the ATen operators dispatched inside (`ops.count`, and by
+    name, `ops.names`): each is at least one kernel launch on a GPU, where a small model waits on
+    the host that launches them."""
 
     def __init__(self):
         super().__init__()
-        self.count = 0
+        self.count, self.names = 0, collections.Counter()
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
         self.count += 1
+        self.names[func.overloadpacket.__name__] += 1
         return func(*args, **(kwargs or {}))
