@@ -324,23 +324,24 @@ class ChatTrainer:
         # XLA branch aside), but first looks for the lomo_optim package on sys.path, twice a
         # step (a tenth of a millisecond on a CPU): the optimizer itself is called instead.
         inner = self.optimizer.optimizer
-        if skips_on_device(self.optimizer) and acc.mixed_precision != "fp16":
+        fused = skips_on_device(self.optimizer) and acc.mixed_precision != "fp16"
+        if fused:
             # The units' scale and the clipping are one factor, which fused AdamW applies to each
             # gradient as it reads it (`grad_scale`, which it divides by): no pass over the
             # gradients of their own (two multi-tensor kernels a step, each reading and writing
             # every gradient), the same step as scaling, clipping and stepping.
             u.grad_norm = grad_norm(params) * scale
             inner.grad_scale = step_divisor(u.grad_norm, cfg.max_grad_norm, scale)
-            inner.found_inf = u.nonfinite.record(u.grad_norm, step).float()
-            inner.step()
-            inner.zero_grad(set_to_none=True)
-            return
-        if scale != 1.0:
-            torch._foreach_mul_([p.grad for p in params if p.grad is not None], scale)
-        u.grad_norm = self.policy.clip_grad_norm(params, cfg.max_grad_norm or float("inf"))
+        else:
+            if scale != 1.0:
+                torch._foreach_mul_([p.grad for p in params if p.grad is not None], scale)
+            u.grad_norm = self.policy.clip_grad_norm(params, cfg.max_grad_norm or float("inf"))
         if acc.mixed_precision == "fp16":  # the grad scaler skips overflowing steps itself
             self.optimizer.step()
             self.store.confirm()
+        elif fused:
+            inner.found_inf = u.nonfinite.record(u.grad_norm, step).float()
+            inner.step()
         else:  # Adafactor takes no found_inf: the host asks, once a step
             if not u.nonfinite.record(u.grad_norm, step).item():
                 inner.step()
