@@ -5,8 +5,9 @@
     python bench/bench_peers.py --sections=micro       # the micro model, eager and compiled
 
 Three runs of the same tiny model (same tokenizer, seed, fused AdamW, lr, batch 16 rows, fp32) on the
-real sample data (../shared/data/chatlm_sample/my_train_dataset_3k.parquet), each in its own
-process so none inherits another's threads or allocator:
+real sample data (../shared/data/chatlm_sample/my_train_dataset_3k.parquet), taking turns in one
+process (below; the memory section runs each in its own process, so none inherits another's
+allocator):
 
 - chatlm: `ChatTrainer` itself (the real loop: streaming, length-grouped windows, accumulation 1);
 - hf: transformers' `Seq2SeqTrainer` with `train_sampling_strategy="group_by_length"` (its best
@@ -20,14 +21,15 @@ process so none inherits another's threads or allocator:
   each batch's rows cut to its shortest, built in memory before the clock starts. No loader can
   be faster per computed token.
 
-`--repeats=R` runs the throughput section's runs R times, interleaved (chatlm, hf, floor, then
-floor, hf, chatlm, ...), and prints the medians: the machine's speed drifts by tens of percent
-over minutes, and interleaving spreads a slow spell over all three. The micro section's steps are
-a few milliseconds, and the speed drifts within a run too (a run's own steps went from 8 to 13
-ms and back within seconds), so there the three run in lockstep in one process (Baton: chatlm's
-step, HF's, the floor's, chatlm's, ...) and its ratios are medians of step-by-step ratios; R such
-rounds. Run in separate processes, as before, the micro ratio chatlm / hf moved from 0.75x
-to 0.96x between runs an hour apart.
+The machine's speed drifts by tens of percent, within seconds (a micro-model run's own steps went
+from 8 to 13 ms and back) as over minutes, so the throughput and micro sections run the three in
+lockstep in one process (Baton: chatlm's step, HF's, the floor's, chatlm's, ...): a slow spell
+falls on all three alike. Their ratios are medians of ratios over the same turns (step by step
+for the micro model's times; windows of WINDOW turns for token rates, as batches differ in
+size). `--repeats=R` makes R such rounds, each its own process, and prints the medians and every
+round. In separate processes, as before, the micro ratio chatlm / hf moved from 0.75x to 0.96x
+between runs an hour apart, and the fp32 throughput ratio from 2.03x (commit 669a83a) to 1.78x
+(28f228c).
 
 The update section times the optimizer update alone on the micro and the tiny model's
 gradients: scaling and clipping them in passes of their own, then fused AdamW, against fused
@@ -128,15 +130,17 @@ class Baton:
 
     def __init__(self, names: list[str]):
         self.names, self.turn = list(names), {n: threading.Event() for n in names}
-        self.done, self.began, self.steps = set(), {}, {n: [] for n in names}
+        self.done, self.began = set(), {}
+        self.steps, self.tokens = {n: [] for n in names}, {n: [] for n in names}
 
     def take(self, name: str):
         self.turn[name].wait()
         self.turn[name].clear()
         self.began[name] = time.perf_counter()
 
-    def step_ended(self, name: str):
+    def step_ended(self, name: str, tokens: int):
         self.steps[name].append(time.perf_counter() - self.began[name])
+        self.tokens[name].append(tokens)
         self.pass_on(name)
         self.take(name)
 
@@ -157,9 +161,10 @@ class Clock:
     `baton`, hands the turn on."""
 
     def __init__(self, ops: OpCount | None = None, baton: Baton | None = None):
-        self.times, self.ops, self.baton = [], ops, baton
+        self.times, self.ops, self.baton, self.tokens = [], ops, baton, 0
 
     def on_batch(self, trainer, batch):
+        self.tokens = batch["counts"][0]  # non-pad prompt and target tokens, counted where it was made
         if self.ops:
             self.ops.step_begins()
 
@@ -168,7 +173,7 @@ class Clock:
         if self.ops:
             self.ops.step_ends()
         if self.baton:
-            self.baton.step_ended("chatlm")
+            self.baton.step_ended("chatlm", self.tokens)
 
 
 def model_dir(args: dict, tokenizer) -> str:
@@ -262,7 +267,7 @@ def run_hf(args: dict, baton: Baton | None = None) -> dict:
             if ops:
                 ops.step_ends()
             if baton:
-                baton.step_ended("hf")
+                baton.step_ended("hf", tokens[-1])
 
     with tempfile.TemporaryDirectory() as out:
         training_args = Seq2SeqTrainingArguments(
@@ -313,7 +318,7 @@ def run_floor(args: dict, baton: Baton | None = None) -> dict:
         if ops:
             ops.step_ends()
         if baton:
-            baton.step_ended("floor")
+            baton.step_ended("floor", tokens[-1])
     return {"tokens_per_s": window_rates(times, tokens, args["warmup"]), "step_ms": step_ms(times, args["warmup"]),
             "peak_rss_mib": peak_rss_mib(), **(ops.figures() if ops else {})}
 
@@ -424,10 +429,13 @@ def run_update(args: dict) -> dict:
 def run_lockstep(args: dict) -> dict:
     """chatlm, HF and the floor a step each in turn (Baton): {name: median ms of its steps after
     warmup, "chatlm / hf" and "floor / hf": the median of the ratios of steps taken one after the
-    other}. chatlm runs on the main thread, where its signal handlers can be installed. One torch
-    thread: the micro model's arithmetic is negligible, and at each hand-off a pool of threads
-    would spin or sleep (with two, every run's steps took 30-50% longer, and varied more)."""
-    torch.set_num_threads(1)
+    other; "tokens_per_s" of each and "chatlm / hf tokens" and "chatlm / floor tokens", the
+    medians of the ratios of their rates over the same windows of WINDOW turns}. chatlm runs on
+    the main thread, where its signal handlers can be installed. `torch_threads` 1 for the micro
+    model: its arithmetic is negligible, and at each hand-off a pool of threads would spin or
+    sleep (with two, every run's steps took 30-50% longer, and varied more)."""
+    if args["torch_threads"]:
+        torch.set_num_threads(args["torch_threads"])
     names = ["chatlm", "hf", "floor"]
     baton, errors = Baton(names), []
 
@@ -450,8 +458,14 @@ def run_lockstep(args: dict) -> dict:
     if errors:
         raise RuntimeError("; ".join(errors))
     steps = {n: np.array(baton.steps[n][args["warmup"]:args["steps"]]) for n in names}
+    cut = len(steps["hf"]) // WINDOW * WINDOW
+    rates = {n: np.array(baton.tokens[n][args["warmup"]:args["steps"]][:cut]).reshape(-1, WINDOW).sum(1)
+             / steps[n][:cut].reshape(-1, WINDOW).sum(1) for n in names}
     return {**{n: 1000 * float(np.median(v)) for n, v in steps.items()},
-            **{f"{n} / hf": float(np.median(v / steps["hf"])) for n, v in steps.items() if n != "hf"}}
+            **{f"{n} / hf": float(np.median(v / steps["hf"])) for n, v in steps.items() if n != "hf"},
+            **{f"{n} tokens_per_s": float(np.median(r)) for n, r in rates.items()},
+            "chatlm / hf tokens": float(np.median(rates["chatlm"] / rates["hf"])),
+            "chatlm / floor tokens": float(np.median(rates["chatlm"] / rates["floor"]))}
 
 
 RUNS = {"chatlm": run_chatlm, "hf": run_hf, "floor": run_floor, "syncs": run_syncs, "lockstep": run_lockstep,
@@ -464,7 +478,7 @@ def main(train_file: str = SAMPLE, model_size: str = "tiny", batch_size: int = 1
          pad_to_multiple_of: int = 1, precision: str = "no", attn_implementation: str = "",
          loss_chunk_tokens: int = -1, model_vocab: int = 0, sections: str = "throughput,micro,ops,update,memory,syncs",
          trainable: str = "all", torch_compile: bool = False, repeats: int = 1, only: str = "",
-         count_ops: bool = False):
+         count_ops: bool = False, torch_threads: int = 0):
     """Print each section's figures, every pair side by side from one invocation."""
     from config import TrainConfig
     args = dict(train_file=train_file, model_size=model_size, batch_size=batch_size, steps=steps, warmup=warmup,
@@ -473,7 +487,7 @@ def main(train_file: str = SAMPLE, model_size: str = "tiny", batch_size: int = 1
                 precision=precision, model_vocab=model_vocab,
                 attn_implementation=attn_implementation or TrainConfig.attn_implementation,
                 loss_chunk_tokens=loss_chunk_tokens, trainable=trainable, torch_compile=torch_compile,
-                count_ops=count_ops)
+                count_ops=count_ops, torch_threads=torch_threads)
     if only:
         print(json.dumps({only: RUNS[only](args)}))
         return
@@ -486,17 +500,17 @@ def main(train_file: str = SAMPLE, model_size: str = "tiny", batch_size: int = 1
     if "throughput" in wanted:
         for p in ("no", "bf16"):
             print(f"\n== non-pad tokens/s: {model_size}, batch {batch_size}, {steps} steps ({warmup} not timed), "
-                  f"{'fp32' if p == 'no' else p}")
-            got = interleaved({name: {**args, "precision": p} for name in ("chatlm", "hf", "floor")}, "tokens_per_s",
-                              repeats)
-            for name, rate in got.items():
-                print(f"{name:8} {rate:10,.0f}")
-            print(f"chatlm / hf: {got['chatlm'] / got['hf']:.2f}x; chatlm / floor: {got['chatlm'] / got['floor']:.2f}x")
+                  f"{'fp32' if p == 'no' else p}, the three in lockstep, {repeats} round(s)")
+            got = lockstep_rounds({**args, "precision": p}, repeats)
+            for name in ("chatlm", "hf", "floor"):
+                print(f"{name:8} {got[name + ' tokens_per_s']:10,.0f}")
+            print(f"chatlm / hf: {got['chatlm / hf tokens']:.2f}x; chatlm / floor: {got['chatlm / floor tokens']:.2f}x "
+                  f"(medians of the ratios over the same windows of {WINDOW} turns)")
     micro_tok = tokenizer_dir.rstrip("/") + "_512"
     # Prompts and answers cut to 32 tokens: the step's arithmetic is then a few ms of T5's own
     # small kernels, and what differs between the runs is the loop around them.
     micro = {**args, "model_size": "micro", "tokenizer_dir": micro_tok, "steps": 300, "warmup": 30,
-             "max_seq_len": 32}
+             "max_seq_len": 32, "torch_threads": 1}
     if "micro" in wanted or "ops" in wanted or "update" in wanted:
         tokenizer(train_file, micro_tok, 512)
     if "micro" in wanted:
@@ -506,10 +520,7 @@ def main(train_file: str = SAMPLE, model_size: str = "tiny", batch_size: int = 1
                 else "eager"
             print(f"\n== per-step time, micro model (d_model {MICRO.d_model}, 1+1 layers, vocabulary 512, 32 tokens "
                   f"a text), batch {batch_size}, fp32, {how}, the three in lockstep, {repeats} round(s)")
-            rounds = [launch("lockstep", {**micro, "torch_compile": compiled}) for _ in range(repeats)]
-            got = {k: float(np.median([r[k] for r in rounds])) for k in rounds[0]}
-            if repeats > 1:
-                print("  each round: " + "; ".join(f"{k} " + ", ".join(f"{r[k]:.2f}" for r in rounds) for k in got))
+            got = lockstep_rounds({**micro, "torch_compile": compiled}, repeats, tokens=False)
             for name in ("chatlm", "hf", "floor"):
                 print(f"{name:8} {got[name]:6.2f} ms/step" + (f"  ({got[name] - got['floor']:+.2f} ms over the floor)"
                                                              if name != "floor" else "  (the model alone, no loader)"))
@@ -554,19 +565,15 @@ def tokenizer(train_file: str, path: str, vocab_size: int) -> None:
         train_tokenizer(train_file, path, vocab_size)
 
 
-def interleaved(runs: dict, figure: str, repeats: int) -> dict:
-    """{name: args} -> {name: the median of `figure` over `repeats` rounds}, each round running every
-    name once, so a slow spell of the machine falls on all of them, and every other round in the
-    reverse order (run first in every round, one of two equal runs came out 15-25% slower in 6 of 6
-    rounds, and in none of 4 alternated ones); with repeats > 1 every value is printed too."""
-    values = {name: [] for name in runs}
-    for round_ in range(repeats):
-        for name in list(runs)[::-1 if round_ % 2 else 1]:
-            values[name].append(launch(name, runs[name])[figure])
+def lockstep_rounds(args: dict, repeats: int, tokens: bool = True) -> dict:
+    """`repeats` lockstep runs (run_lockstep, each its own process): the median of each figure,
+    the token rates' figures or the step times' (`tokens` False); with repeats > 1 every value is
+    printed too."""
+    rounds = [launch("lockstep", args) for _ in range(repeats)]
+    got = {k: float(np.median([r[k] for r in rounds])) for k in rounds[0] if ("tokens" in k) == tokens}
     if repeats > 1:
-        print("  each round: " + "; ".join(f"{name} " + ", ".join(f"{v:,.2f}" for v in vs)
-                                           for name, vs in values.items()))
-    return {name: float(np.median(vs)) for name, vs in values.items()}
+        print("  each round: " + "; ".join(f"{k} " + ", ".join(f"{r[k]:,.2f}" for r in rounds) for k in got))
+    return got
 
 
 def launch(name: str, args: dict) -> dict:
