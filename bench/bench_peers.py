@@ -53,7 +53,6 @@ import tempfile
 import threading
 import time
 
-import fire
 import numpy as np
 import torch
 from torch.utils._python_dispatch import TorchDispatchMode
@@ -476,7 +475,7 @@ def main(train_file: str = SAMPLE, model_size: str = "tiny", batch_size: int = 1
          warmup: int = 20, max_seq_len: int = 256, vocab_size: int = 8000, lr: float = 1e-4, seed: int = 0,
          tokenizer_dir: str = "/tmp/chatlm_bench_tokenizer", max_tokens_per_batch: int = 0,
          pad_to_multiple_of: int = 1, precision: str = "no", attn_implementation: str = "",
-         loss_chunk_tokens: int = -1, model_vocab: int = 0, sections: str = "throughput,micro,ops,update,memory,syncs",
+         loss_chunk_tokens: int = -1, model_vocab: int = 0, sections: str | list[str] = "throughput,micro,ops,update,memory,syncs",
          trainable: str = "all", torch_compile: bool = False, repeats: int = 1, only: str = "",
          count_ops: bool = False, torch_threads: int = 0):
     """Print each section's figures, every pair side by side from one invocation."""
@@ -496,7 +495,7 @@ def main(train_file: str = SAMPLE, model_size: str = "tiny", batch_size: int = 1
     tokenizer(train_file, tokenizer_dir, vocab_size)
     print(f"{torch.get_num_threads()} torch threads, data {os.path.basename(train_file)}, "
           f"attention {args['attn_implementation']}, loss chunks of {args['loss_chunk_tokens']} tokens")
-    wanted = sections.split(",") if isinstance(sections, str) else list(sections)  # fire reads a,b as a tuple
+    wanted = sections.split(",") if isinstance(sections, str) else list(sections)  # fire reads a,b as a list
     if "throughput" in wanted:
         for p in ("no", "bf16"):
             print(f"\n== non-pad tokens/s: {model_size}, batch {batch_size}, {steps} steps ({warmup} not timed), "
@@ -587,4 +586,5 @@ def launch(name: str, args: dict) -> dict:
 
 
 if __name__ == "__main__":
-    fire.Fire(main)
+    from utils.cli import run_cli  # a misspelt flag stops it at once, with one line naming the valid ones
+    run_cli(main, "bench_peers.py")
