@@ -118,7 +118,7 @@ class TrainConfig:
     torch_compile: bool = False  # torch.compile the model (pad_to_multiple_of then defaults to 64)
     torch_compile_backend: str = "inductor"  # inductor, aot_eager or eager (dynamo's graphs only)
     pad_to_multiple_of: int = 0  # round padded lengths up to a multiple; 0: 64 compiled, 8 on CUDA, else 1
-    attn_implementation: str = "sdpa"  # sdpa (torch's scaled_dot_product_attention) or eager
+    attn_implementation: str = "auto"  # auto (sdpa, but where T5's trained position bias would send a CPU to sdpa's math kernel, the bias folded into the scores' matmul: model/chat_model.py), sdpa (torch's scaled_dot_product_attention) or eager
     fsdp: str = ""  # shard over the processes with FSDP2: full (weights, gradients, optimizer state) or grad_op (ZeRO-2: all but the weights); "": none (DDP); set by an Accelerate FSDP2 launch config too
     loss_chunk_tokens: int = -1  # tokens per chunk of the output head and loss, no (tokens, vocabulary) logits kept (model/chunked.py); -1: auto (8 MB chunks; for DPO, GRPO and kl_beta only where the full logits would reach 256 MB); 0: the full logits
     seed: int = 23333  # model init, dropout and data order
@@ -201,7 +201,7 @@ CHOICES = {
     "model_size": ("",) + tuple(MODEL_PRESETS),
     "mix_strategy": ("first_exhausted", "all_exhausted"),
     "profile": ("", "low_memory"),
-    "attn_implementation": ("eager", "sdpa"),
+    "attn_implementation": ("auto", "eager", "sdpa"),
     "fsdp": ("", "full", "grad_op"),
     "torch_compile_backend": ("inductor", "aot_eager", "eager", "cudagraphs"),
 }

@@ -190,14 +190,15 @@ def new_model(args: dict, tokenizer, stock: bool = False):
     from transformers import T5ForConditionalGeneration
 
     from config import T5ModelConfig
-    from model.chat_model import TextToTextModel, get_t5_config
+    from model.chat_model import ATTENTION_KERNELS, TextToTextModel, get_t5_config
     torch.manual_seed(args["seed"])
     shape = MICRO if args["model_size"] == "micro" else T5ModelConfig.preset(args["model_size"])
     model = TextToTextModel(get_t5_config(shape, max(len(tokenizer), args["model_vocab"])))
     if stock:  # the same seed initialises the two classes differently: the weights are copied
         weights, model = model.state_dict(), T5ForConditionalGeneration(model.config)
         model.load_state_dict(weights)
-    model.set_attn_implementation(args["attn_implementation"])  # the blocks' copies of the config too
+    # The blocks' copies of the config too. HF's run gets what transformers gives its users (sdpa).
+    model.set_attn_implementation(ATTENTION_KERNELS[args["hf_attn_implementation" if stock else "attn_implementation"]])
     return model
 
 
@@ -477,7 +478,7 @@ def main(train_file: str = SAMPLE, model_size: str = "tiny", batch_size: int = 1
          pad_to_multiple_of: int = 1, precision: str = "no", attn_implementation: str = "",
          loss_chunk_tokens: int = -1, model_vocab: int = 0, sections: str | list[str] = "throughput,micro,ops,update,memory,syncs",
          trainable: str = "all", torch_compile: bool = False, repeats: int = 1, only: str = "",
-         count_ops: bool = False, torch_threads: int = 0):
+         count_ops: bool = False, torch_threads: int = 0, hf_attn_implementation: str = "sdpa"):
     """Print each section's figures, every pair side by side from one invocation."""
     from config import TrainConfig
     args = dict(train_file=train_file, model_size=model_size, batch_size=batch_size, steps=steps, warmup=warmup,
@@ -486,7 +487,7 @@ def main(train_file: str = SAMPLE, model_size: str = "tiny", batch_size: int = 1
                 precision=precision, model_vocab=model_vocab,
                 attn_implementation=attn_implementation or TrainConfig.attn_implementation,
                 loss_chunk_tokens=loss_chunk_tokens, trainable=trainable, torch_compile=torch_compile,
-                count_ops=count_ops, torch_threads=torch_threads)
+                count_ops=count_ops, torch_threads=torch_threads, hf_attn_implementation=hf_attn_implementation)
     if only:
         print(json.dumps({only: RUNS[only](args)}))
         return
@@ -494,7 +495,8 @@ def main(train_file: str = SAMPLE, model_size: str = "tiny", batch_size: int = 1
         sys.exit(f"{train_file} not found: the real sample data is in ../shared/data/chatlm_sample/")
     tokenizer(train_file, tokenizer_dir, vocab_size)
     print(f"{torch.get_num_threads()} torch threads, data {os.path.basename(train_file)}, "
-          f"attention {args['attn_implementation']}, loss chunks of {args['loss_chunk_tokens']} tokens")
+          f"attention {args['attn_implementation']} (HF's {hf_attn_implementation}), "
+          f"loss chunks of {args['loss_chunk_tokens']} tokens")
     wanted = sections.split(",") if isinstance(sections, str) else list(sections)  # fire reads a,b as a list
     if "throughput" in wanted:
         for p in ("no", "bf16"):

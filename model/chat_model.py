@@ -7,8 +7,10 @@ The encoder input is the raw prompt followed by [EOS]; there is no chat template
 import dataclasses
 
 import torch
-from transformers import GenerationConfig, T5Config, T5ForConditionalGeneration
-from transformers.masking_utils import create_bidirectional_mask
+from transformers import AttentionInterface, GenerationConfig, T5Config, T5ForConditionalGeneration
+from transformers.integrations.sdpa_attention import create_position_bias_mask, sdpa_attention_forward
+from transformers.masking_utils import AttentionMaskInterface, create_bidirectional_mask, sdpa_mask
+from transformers.models.t5.modeling_t5 import eager_attention_forward
 from transformers.utils import ModelOutput
 
 from model.chunked import summed_nll, token_logps
@@ -35,6 +37,42 @@ def get_t5_config(model_config: T5ModelConfig, vocab_size: int) -> T5Config:
         # T5 starts decoding from the pad token.
         pad_token_id=PAD_ID, eos_token_id=EOS_ID, decoder_start_token_id=PAD_ID,
     )
+
+
+def trained_bias_attention(module, query, key, value, attention_mask, dropout: float = 0.0,
+                           scaling: float | None = None, position_bias: torch.Tensor | None = None, **kwargs):
+    """Attention for `attn_implementation="auto"`: torch's sdpa, except where T5's relative
+    position bias is trained on a CPU. sdpa's CPU flash kernel takes no gradient for its mask, so
+    there it falls back to its math kernel, whose safe softmax makes three more passes over the
+    (batch, heads, queries, keys) scores (isneginf, all, where: 6% of a tiny-preset step) and which
+    is slower than the eager one. Here the bias and the mask are added once, as the matmul's input
+    (baddbmm), and the softmax is the plain one: the eager result within fp32 rounding. Under
+    autocast (the scores in bf16, the bias fp32) it is T5's eager attention, the mask folded into
+    the bias. Every other case goes to sdpa as it is: inference, cross-attention (a bias with no
+    gradient), and CUDA, whose memory-efficient kernel takes the bias's gradient itself. Hand-made
+    because transformers' T5 has no kernel for it; its eager and sdpa functions are reused."""
+    if position_bias is None or not position_bias.requires_grad or query.device.type != "cpu":
+        return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
+                                      position_bias=position_bias, **kwargs)
+    (b, h, q_len, d), k_len = query.shape, key.shape[2]
+    is_causal = q_len > 1 and attention_mask is None and getattr(module, "is_causal", False)
+    bias = create_position_bias_mask(position_bias, attention_mask, is_causal, query, key)
+    if bias.dtype != query.dtype:
+        return eager_attention_forward(module, query, key, value, None, scaling=scaling, dropout=dropout,
+                                       position_bias=bias)[0], None
+    scores = torch.baddbmm(bias.expand(b, h, q_len, k_len).reshape(b * h, q_len, k_len),
+                           query.reshape(b * h, q_len, d), key.reshape(b * h, k_len, d).transpose(1, 2),
+                           alpha=d ** -0.5 if scaling is None else scaling)
+    weights = torch.nn.functional.dropout(scores.softmax(-1), p=dropout, training=module.training)
+    out = torch.bmm(weights, value.reshape(b * h, k_len, d)).view(b, h, q_len, d)
+    return out.transpose(1, 2).contiguous(), None
+
+
+# The name transformers knows the kernel by (set_attn_implementation); masks as sdpa takes them.
+TRAINED_BIAS_ATTENTION = "chatlm_sdpa"
+AttentionInterface.register(TRAINED_BIAS_ATTENTION, trained_bias_attention)
+AttentionMaskInterface.register(TRAINED_BIAS_ATTENTION, sdpa_mask)
+ATTENTION_KERNELS = {"auto": TRAINED_BIAS_ATTENTION, "sdpa": "sdpa", "eager": "eager"}
 
 
 def get_generation_config(max_new_tokens: int) -> GenerationConfig:

@@ -29,7 +29,7 @@ from transformers import T5Config
 from transformers.optimization import Adafactor
 
 from config import T5ModelConfig, TrainConfig
-from model.chat_model import TextToTextModel, disable_dropout, get_generation_config, get_t5_config
+from model.chat_model import ATTENTION_KERNELS, TextToTextModel, disable_dropout, get_generation_config, get_t5_config
 from utils.errors import UserError
 from utils.files import atomic_dir, describe_error
 
@@ -149,7 +149,7 @@ class Policy:
         model.generation_config = get_generation_config(cfg.max_seq_len)
         # Always set: transformers gives a new or loaded model sdpa wherever torch has it, so a
         # setting applied only when it differs from "eager" left every run on sdpa.
-        model.set_attn_implementation(cfg.attn_implementation)
+        model.set_attn_implementation(ATTENTION_KERNELS[cfg.attn_implementation])
         self.t5_config = model.config  # the shape a whole copy is built in (full_model)
         # Before checkpointing and the peft wrap: the copy is the plain model.
         frozen = copy.deepcopy(model).eval().requires_grad_(False) \

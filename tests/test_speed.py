@@ -150,9 +150,65 @@ def test_sdpa_attention_gives_the_eager_loss(data_dir, tokenizer_dir):
     assert float(model(**batch).loss) == pytest.approx(float(eager), abs=1e-5)
 
 
-@pytest.mark.parametrize("kernel", ["eager", "sdpa", None])  # None: the default, sdpa
+def attention_step(model, autocast: bool = False, grad: bool = True) -> tuple:
+    """One forward (and backward) of `model` on padded prompts and -100 labels: the loss, the
+    gradients, and the ATen operators dispatched."""
+    from utils.syncs import Operators
+    torch.manual_seed(1)
+    ids = torch.randint(5, 500, (4, 30))
+    mask = torch.ones_like(ids)
+    mask[1, 20:], mask[3, 5:] = 0, 0
+    labels = torch.randint(5, 500, (4, 25))
+    labels[2, 10:] = -100
+    model.zero_grad()
+    with Operators() as ops, torch.autocast("cpu", dtype=torch.bfloat16, enabled=autocast), \
+            torch.set_grad_enabled(grad):
+        loss = model(input_ids=ids * mask, attention_mask=mask, labels=labels, head="nll").summed_nll
+        if grad:
+            loss.backward()
+    grads = torch.cat([p.grad.flatten() for p in model.parameters()]) if grad else None
+    return loss.detach(), grads, ops.names
+
+
+@pytest.mark.parametrize("autocast", [False, True])
+def test_auto_attention_gives_the_eager_loss_and_gradients_without_sdpas_math_kernel(autocast):
+    # T5's trained position bias is an attention mask that needs a gradient: sdpa's CPU flash
+    # kernel takes none, so sdpa falls back to its math kernel and its safe softmax; "auto" folds
+    # the bias into the scores' matmul instead, where sdpa would take that fallback.
+    from config import T5ModelConfig
+    from model.chat_model import ATTENTION_KERNELS, TextToTextModel, get_t5_config
+    torch.manual_seed(0)
+    model = TextToTextModel(get_t5_config(T5ModelConfig.preset("tiny"), 512)).train()
+    got = {}
+    for kernel in ("eager", "sdpa", "auto"):
+        model.set_attn_implementation(ATTENTION_KERNELS[kernel])
+        got[kernel] = attention_step(model, autocast)
+    assert got["sdpa"][2]["_safe_softmax"] > 0  # what "auto" spares
+    assert got["auto"][2]["_safe_softmax"] == 0
+    assert got["auto"][2]["baddbmm"] == (6 if not autocast else 0)  # 3 + 3 self-attentions
+    assert got["auto"][2]["_scaled_dot_product_flash_attention_for_cpu"] == 3  # the cross ones
+    (loss, grads, _), (eager_loss, eager_grads, _) = got["auto"], got["eager"]
+    tol = 1e-2 if autocast else 1e-5  # bf16 differs from eager in the cross-attention's sdpa
+    assert float(loss) == pytest.approx(float(eager_loss), rel=tol)
+    assert float((grads - eager_grads).norm() / eager_grads.norm()) < (5e-2 if autocast else 1e-5)
+
+
+def test_auto_attention_is_sdpas_flash_kernel_where_no_bias_trains():
+    from config import T5ModelConfig
+    from model.chat_model import ATTENTION_KERNELS, TextToTextModel, get_t5_config
+    model = TextToTextModel(get_t5_config(T5ModelConfig.preset("tiny"), 512))
+    model.set_attn_implementation(ATTENTION_KERNELS["auto"])
+    for grad in (False, True):  # scoring and generation; the reference, or a frozen encoder
+        model.requires_grad_(grad)
+        ops = attention_step(model.eval(), grad=False)[2]
+        assert ops["_scaled_dot_product_flash_attention_for_cpu"] == 9
+        assert ops["baddbmm"] == 0
+
+
+@pytest.mark.parametrize("kernel", ["eager", "sdpa", "auto", None])  # None: the default, auto
 def test_the_attention_setting_reaches_every_attention_module(tmp_path, data_dir, tokenizer_dir, base_model,
                                                               kernel):
+    from model.chat_model import ATTENTION_KERNELS
     seen = []
 
     class Look:
@@ -163,7 +219,7 @@ def test_the_attention_setting_reaches_every_attention_module(tmp_path, data_dir
     flags = tiny_flags(tmp_path, data_dir, tokenizer_dir, max_steps=1, validation_file="", init_from=base_model,
                        kl_beta=0.1)
     train({**flags, "attn_implementation": kernel} if kernel else flags, hooks=[Look()])
-    kernel = kernel or "sdpa"
+    kernel = ATTENTION_KERNELS[kernel or "auto"]
     assert seen == [{kernel}, {kernel}]  # the loaded policy's and its frozen reference's
 
 
