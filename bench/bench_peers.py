@@ -13,10 +13,11 @@ allocator):
 - hf: transformers' `Seq2SeqTrainer` with `train_sampling_strategy="group_by_length"` (its best
   setting; `group_by_length=True` before transformers 5) and `DataCollatorForSeq2Seq`, the
   rows tokenized ahead (which only helps it), training transformers' own
-  `T5ForConditionalGeneration` as its users do (the same weights), with its default optimizer
+  `T5ForConditionalGeneration` as its users do (the same weights; transformers' default attention,
+  sdpa, or `--hf_attn_implementation`), with its default optimizer
   (`adamw_torch_fused` since torch 2.8: before commit b0d6e5a this bench gave it the slower
   per-tensor `adamw_torch`, which flattered chatlm's ratios);
-- floor: chatlm's model (which, given labels, builds no key/value cache) alone: its forward,
+- floor: chatlm's model (which, given labels, builds no key/value cache; chatlm's attention) alone: its forward,
   backward and optimizer step on batches with no padding at all: the rows sorted by length and
   each batch's rows cut to its shortest, built in memory before the clock starts. No loader can
   be faster per computed token.
