@@ -41,7 +41,7 @@ from model.trainer import ChatTrainer  # noqa: E402
 CONFIGS = {  # name: TrainConfig overrides
     "b16": dict(batch_size_per_gpu=16), "b64": dict(batch_size_per_gpu=64), "b128": dict(batch_size_per_gpu=128),
     "budget": dict(batch_size_per_gpu=64, max_tokens_per_batch=16384),
-    "b64+eager": dict(batch_size_per_gpu=64, attn_implementation="eager"),  # sdpa is the default
+    "b64+eager": dict(batch_size_per_gpu=64, attn_implementation="eager"),  # auto is the default (sdpa on a GPU)
     "b64+compile": dict(batch_size_per_gpu=64, torch_compile=True),
     "b64+eager+compile": dict(batch_size_per_gpu=64, attn_implementation="eager", torch_compile=True),
     "budget+compile": dict(batch_size_per_gpu=64, max_tokens_per_batch=16384, torch_compile=True),

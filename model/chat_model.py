@@ -44,7 +44,7 @@ def trained_bias_attention(module, query, key, value, attention_mask, dropout: f
     """Attention for `attn_implementation="auto"`: torch's sdpa, except where T5's relative
     position bias is trained on a CPU. sdpa's CPU flash kernel takes no gradient for its mask, so
     there it falls back to its math kernel, whose safe softmax makes three more passes over the
-    (batch, heads, queries, keys) scores (isneginf, all, where: 6% of a tiny-preset step) and which
+    (batch, heads, queries, keys) scores (isneginf, all, where: 3-5% of a tiny-preset step) and which
     is slower than the eager one. Here the bias and the mask are added once, as the matmul's input
     (baddbmm), and the softmax is the plain one: the eager result within fp32 rounding. Under
     autocast (the scores in bf16, the bias fp32) it is T5's eager attention, the mask folded into
