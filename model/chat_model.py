@@ -64,7 +64,7 @@ def trained_bias_attention(module, query, key, value, attention_mask, dropout: f
                            query.reshape(b * h, q_len, d), key.reshape(b * h, k_len, d).transpose(1, 2),
                            alpha=d ** -0.5 if scaling is None else scaling)
     weights = torch.nn.functional.dropout(scores.softmax(-1), p=dropout, training=module.training)
-    out = torch.bmm(weights, value.reshape(b * h, k_len, d)).view(b, h, q_len, d)
+    out = torch.bmm(weights, value.reshape(b * h, k_len, -1)).view(b, h, q_len, -1)
     return out.transpose(1, 2).contiguous(), None
 
 
